@@ -1,0 +1,1 @@
+"""Triton kernels of sodkern (installed as ``sodkern.kernels``)."""

@@ -1,0 +1,1 @@
+"""Trainer, rollouts, tools and rewards (installed as ``sodkern.trainer``)."""

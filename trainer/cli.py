@@ -1,0 +1,27 @@
+"""The ``sodkern`` command: ``sodkern SUBCOMMAND ...``; each subcommand owns its own options."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module with a ``main(argv)`` function, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "sandbox": ("sodkern.trainer.sandbox.cli", "run a Python file in the code-interpreter sandbox"),
+    "eval": ("sodkern.trainer.eval", "evaluate a model on parquet/JSONL data: average@k, pass@k, maj@k"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        print("usage: sodkern {" + ",".join(SUBCOMMANDS) + "} ...\n")
+        for name, (_, help_) in SUBCOMMANDS.items():
+            print(f"  {name:<10} {help_}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
