@@ -1,2 +1,28 @@
-"""sodkern: fused kernels for SOD (step-wise on-policy distillation)."""
+"""sodkern: fused kernels for SOD, step-wise on-policy distillation of small tool-using language models.
+
+Public API (all inputs padded ``[B, T]`` as in verl's batches; log-probs float32):
+
+- :func:`stepwise_weights` — SOD step divergences and clipped weights (drop-in for the reference's Python loop).
+- :func:`linear_logprobs` — log p(target) from hidden states and the lm-head weight, never materialising logits.
+- :func:`linear_reverse_kl` — per-token full-vocabulary KL(student || teacher), same memory bound.
+- :func:`sod_loss` — the whole SOD objective (weights, advantages, PPO dual clip) in one differentiable op.
+
+CUDA tensors run Triton kernels; CPU tensors a chunked torch path. ``SODKERN_BACKEND=torch|triton`` forces one.
+"""
+
+from sodkern.ops.linear_kl import linear_reverse_kl
+from sodkern.ops.linear_logprobs import linear_logprobs
+from sodkern.ops.sod_loss import SODLossOutput, ppo_dual_clip_loss, sod_loss
+from sodkern.ops.step_weights import StepWeights, stepwise_weights
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "SODLossOutput",
+    "StepWeights",
+    "linear_logprobs",
+    "linear_reverse_kl",
+    "ppo_dual_clip_loss",
+    "sod_loss",
+    "stepwise_weights",
+]

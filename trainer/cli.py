@@ -9,6 +9,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sandbox": ("sodkern.trainer.sandbox.cli", "run a Python file in the code-interpreter sandbox"),
     "eval": ("sodkern.trainer.eval", "evaluate a model on parquet/JSONL data: average@k, pass@k, maj@k"),
+    "train": ("sodkern.trainer.train", "train (sft | grpo | opd | sod | opsd_gt | opsd_hint) in one process"),
+    "plot": ("sodkern.trainer.plot", "plot training curves and SOD step-weight patterns from a run folder"),
 }
 
 
