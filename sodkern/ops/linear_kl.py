@@ -1,0 +1,190 @@
+"""Fused full-vocabulary reverse KL(p_student || p_teacher) per token, straight from the two lm heads.
+
+``z_s = student_hidden @ student_weight.T / T``, ``z_t = teacher_hidden @ teacher_weight.T / T`` and
+``KL = sum_j p_s_j (log p_s_j - log p_t_j)``; neither ``[N, V]`` logits tensor is materialised. Backends
+as in :mod:`sodkern.ops.linear_logprobs`: the Triton kernels of :mod:`sodkern.kernels.linear_kl`, or a
+chunked torch loop over ``token_chunk_size(V)`` tokens (float64 inputs always take the torch path).
+Gradients flow to the student inputs only: ``dKL/dz_s_j = p_s_j * (log p_s_j - log p_t_j - KL)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sodkern.kernels.linear_kl import linear_reverse_kl_bwd, linear_reverse_kl_fwd
+from sodkern.ops.linear_logprobs import (
+    acc_dtype,
+    check_lm_head,
+    check_temperature,
+    chunk_logits,
+    log_softmax_,
+    token_chunk_size,
+    use_triton,
+)
+
+
+def _torch_fwd(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    inv_temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chunked torch forward; same contract as :func:`sodkern.kernels.linear_kl.linear_reverse_kl_fwd`
+    (outputs in the student's accumulation dtype). Low-precision weights are upcast once."""
+    n = student_hidden.shape[0]
+    acc = acc_dtype(student_hidden.dtype)
+    sw, tw = student_weight.to(acc), teacher_weight.to(acc)
+    kl = torch.empty(n, dtype=acc, device=student_hidden.device)
+    lse_s, lse_t = torch.empty_like(kl), torch.empty_like(kl)
+    step = token_chunk_size(sw.shape[0])
+    for i in range(0, n, step):
+        rows = slice(i, i + step)
+        log_ps = chunk_logits(student_hidden[rows], sw, inv_temperature)
+        lse_s[rows] = log_softmax_(log_ps)
+        log_pt = chunk_logits(teacher_hidden[rows], tw, inv_temperature)
+        lse_t[rows] = log_softmax_(log_pt)
+        kl[rows] = log_pt.neg_().add_(log_ps).mul_(log_ps.exp()).sum(dim=-1)
+    return kl, lse_s, lse_t
+
+
+def _torch_bwd(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    lse_s: torch.Tensor,
+    lse_t: torch.Tensor,
+    kl: torch.Tensor,
+    grad_kl: torch.Tensor,
+    inv_temperature: float,
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Chunked torch backward: recompute both logits blocks, then
+    ``dz = g * p_s * (log p_s - log p_t - KL) / T`` and two matmuls."""
+    n, h = student_hidden.shape
+    acc = acc_dtype(student_hidden.dtype)
+    sw, tw = student_weight.to(acc), teacher_weight.to(acc)
+    g = grad_kl.to(acc) * inv_temperature
+    gh = torch.empty((n, h), dtype=acc, device=student_hidden.device) if need_hidden else None
+    gw = torch.zeros((sw.shape[0], h), dtype=acc, device=student_hidden.device) if need_weight else None
+    step = token_chunk_size(sw.shape[0])
+    for i in range(0, n, step):
+        rows = slice(i, i + step)
+        h_c = student_hidden[rows].to(acc)
+        log_ps = chunk_logits(h_c, sw, inv_temperature).sub_(lse_s[rows, None])
+        dz = chunk_logits(teacher_hidden[rows], tw, inv_temperature).sub_(lse_t[rows, None])
+        dz.neg_().add_(log_ps).sub_(kl[rows, None]).mul_(log_ps.exp_()).mul_(g[rows, None])
+        if gh is not None:
+            gh[rows] = dz @ sw
+        if gw is not None:
+            gw.addmm_(dz.T, h_c)
+    return (
+        gh.to(student_hidden.dtype) if gh is not None else None,
+        gw.to(student_weight.dtype) if gw is not None else None,
+    )
+
+
+def _forward(
+    sh: torch.Tensor, sw: torch.Tensor, th: torch.Tensor, tw: torch.Tensor, inv_temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(sh, sw, th, tw):
+        return linear_reverse_kl_fwd(sh, sw, th, tw, inv_temperature)
+    return _torch_fwd(sh, sw, th, tw, inv_temperature)
+
+
+class LinearReverseKLFunction(torch.autograd.Function):
+    """Autograd wrapper on flattened inputs ``[N, Hs]``, ``[V, Hs]``, ``[N, Ht]``, ``[V, Ht]``.
+
+    Saves the four inputs and the per-token ``lse_s``, ``lse_t``, ``kl`` (``[N]`` each), never logits. The
+    teacher inputs get no gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        inv_temperature: float,
+    ) -> torch.Tensor:
+        kl, lse_s, lse_t = _forward(student_hidden, student_weight, teacher_hidden, teacher_weight, inv_temperature)
+        ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, lse_s, lse_t, kl)
+        ctx.inv_temperature = inv_temperature
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl: torch.Tensor):
+        sh, sw, th, tw, lse_s, lse_t, kl = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if use_triton(sh, sw, th, tw):
+            bwd = linear_reverse_kl_bwd
+            grad_kl = grad_kl.float().contiguous()
+        else:
+            bwd = _torch_bwd
+        gh, gw = bwd(sh, sw, th, tw, lse_s, lse_t, kl, grad_kl, ctx.inv_temperature, need_hidden, need_weight)
+        return gh, gw, None, None, None
+
+
+def linear_reverse_kl(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token full-vocabulary reverse KL(p_student || p_teacher) from the final hidden states and lm heads.
+
+    ``p_student = softmax(student_hidden @ student_weight.T / temperature)`` and likewise for the teacher.
+    The ``[N, V]`` logits are never materialised (extra memory: O(N) per-token values plus one block per
+    model, see :func:`sodkern.ops.linear_logprobs.linear_logprobs`); logits are accumulated in fp32 (fp64
+    for fp64 inputs). The result is not clamped at 0: rounding can leave tiny negative values.
+
+    Args:
+        student_hidden: ``[..., Hs]`` bf16, fp16, fp32 or fp64.
+        student_weight: ``[V, Hs]``, same dtype and device as ``student_hidden``.
+        teacher_hidden: ``[..., Ht]`` bf16, fp16, fp32 or fp64, same leading dims as ``student_hidden``
+            (``Ht`` may differ from ``Hs``). Treated as a constant (detached).
+        teacher_weight: ``[V, Ht]``, same dtype as ``teacher_hidden``, same vocabulary size ``V``. Constant.
+        temperature: positive; both models' logits are divided by it.
+
+    Returns:
+        ``kl`` ``[...]`` float32 (float64 for fp64 student inputs), differentiable w.r.t. ``student_hidden``
+        and ``student_weight`` only.
+
+    Raises:
+        ValueError: naming the argument, for non-float inputs, mismatched shapes, dtypes, devices or
+            vocabulary sizes, or a bad ``temperature``.
+    """
+    check_lm_head(student_hidden, student_weight, "student_hidden", "student_weight")
+    check_lm_head(teacher_hidden, teacher_weight, "teacher_hidden", "teacher_weight")
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"teacher_hidden has shape {tuple(teacher_hidden.shape)} but student_hidden has shape "
+            f"{tuple(student_hidden.shape)}: the leading (token) dims must match"
+        )
+    if teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(
+            f"teacher_weight has vocabulary size {teacher_weight.shape[0]} but student_weight has "
+            f"{student_weight.shape[0]}: the vocabularies must match"
+        )
+    if teacher_hidden.device != student_hidden.device:
+        raise ValueError(
+            f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on {student_hidden.device}"
+        )
+    inv_temperature = check_temperature(temperature)
+
+    lead = student_hidden.shape[:-1]
+    sh = student_hidden.reshape(-1, student_hidden.shape[-1])
+    th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    sw, tw = student_weight, teacher_weight.detach()
+    if use_triton(sh, sw, th, tw):
+        sh, sw, th, tw = sh.contiguous(), sw.contiguous(), th.contiguous(), tw.contiguous()
+    if torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad):
+        kl = LinearReverseKLFunction.apply(sh, sw, th, tw, inv_temperature)
+    else:  # nothing to differentiate: skip autograd so nothing is saved
+        kl = _forward(sh, sw, th, tw, inv_temperature)[0]
+    return kl.reshape(lead)

@@ -1,0 +1,244 @@
+"""Fused linear log-probs: ``log_softmax(hidden @ weight.T / T)[target]`` per token, never holding ``[N, V]``.
+
+Two backends with the same semantics (chosen by :func:`sodkern._backend.select_backend`):
+
+- ``triton``: the kernels of :mod:`sodkern.kernels.linear_logprobs` (CUDA, or the CPU interpreter);
+- ``torch``: the chunked loop below. Tokens are processed ``token_chunk_size(V)`` at a time, so one
+  ``[chunk, V]`` block (about ``2**25`` elements) exists at once; the backward pass recomputes the logits.
+
+Float64 inputs always take the torch path (the kernels accumulate in fp32); it is there for ``gradcheck``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sodkern._backend import select_backend
+from sodkern._validate import check_float, check_targets
+from sodkern.kernels.linear_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
+
+_CHUNK_ELEMENTS = 1 << 25  # elements of one [chunk, V] logits block on the torch path
+
+
+def token_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk on the torch path, so a ``[chunk, vocab_size]`` block holds about ``2**25`` values."""
+    return max(1, _CHUNK_ELEMENTS // vocab_size)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_temperature(temperature: float) -> float:
+    """Validate ``temperature`` and return ``1 / temperature``."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature must be a positive float, got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+    return 1.0 / float(temperature)
+
+
+def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, hidden_name: str, weight_name: str) -> None:
+    """``hidden [..., H]`` and ``weight [V, H]``: floating point, same dtype and device, matching ``H``."""
+    check_float(hidden, hidden_name)
+    check_float(weight, weight_name)
+    if weight.dim() != 2:
+        raise ValueError(f"{weight_name} must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{hidden_name} has shape {tuple(hidden.shape)} but {weight_name} is [V, H] = "
+            f"{tuple(weight.shape)}: the last dim of {hidden_name} must be H = {weight.shape[1]}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"{weight_name} has dtype {weight.dtype} but {hidden_name} has dtype {hidden.dtype}")
+    if hidden.device != weight.device:
+        raise ValueError(f"{weight_name} is on {weight.device} but {hidden_name} is on {hidden.device}")
+
+
+def chunk_logits(hidden: torch.Tensor, weight_acc: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    """``hidden [C, H] @ weight_acc.T / T`` as a ``[C, V]`` block in ``weight_acc``'s (accumulation) dtype."""
+    z = hidden.to(weight_acc.dtype) @ weight_acc.T
+    if inv_temperature != 1.0:
+        z.mul_(inv_temperature)
+    return z
+
+
+def log_softmax_(z: torch.Tensor) -> torch.Tensor:
+    """Turn the ``[C, V]`` logits block ``z`` into log-probs in place; return its ``[C]`` logsumexp.
+
+    Shifting by the row max first keeps ``z - lse`` exact for large logits (no rounding of a big ``lse``).
+    """
+    top = z.amax(dim=-1, keepdim=True)
+    z.sub_(top)
+    log_total = torch.logsumexp(z, dim=-1, keepdim=True)
+    z.sub_(log_total)
+    return (top + log_total).squeeze(-1)
+
+
+def _torch_fwd(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temperature: float, entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Chunked torch forward; same contract as :func:`sodkern.kernels.linear_logprobs.linear_logprobs_fwd`
+    (outputs in the accumulation dtype). A low-precision ``weight`` is upcast once (``[V, H]`` fp32)."""
+    n = hidden.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    w = weight.to(acc)
+    idx = targets.long()
+    logp = torch.empty(n, dtype=acc, device=hidden.device)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp) if entropy else None
+    step = token_chunk_size(weight.shape[0])
+    for i in range(0, n, step):
+        rows = slice(i, i + step)
+        z = chunk_logits(hidden[rows], w, inv_temperature)
+        lse[rows] = log_softmax_(z)  # z now holds the chunk's log-probs
+        logp[rows] = z.gather(1, idx[rows, None]).squeeze(1)
+        if ent is not None:
+            ent[rows] = -z.exp().mul_(z).sum(dim=-1)
+    return logp, lse, ent
+
+
+def _torch_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+    inv_temperature: float,
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Chunked torch backward: recompute each logits block, ``dz = g * (onehot - p) / T``, two matmuls."""
+    n, h = hidden.shape
+    acc = acc_dtype(hidden.dtype)
+    w = weight.to(acc)
+    idx = targets.long()
+    g = grad_logp.to(acc) * inv_temperature
+    gh = torch.empty((n, h), dtype=acc, device=hidden.device) if need_hidden else None
+    gw = torch.zeros((weight.shape[0], h), dtype=acc, device=hidden.device) if need_weight else None
+    step = token_chunk_size(weight.shape[0])
+    for i in range(0, n, step):
+        rows = slice(i, i + step)
+        h_c = hidden[rows].to(acc)
+        dz = chunk_logits(h_c, w, inv_temperature).sub_(lse[rows, None]).exp_()  # p
+        dz.mul_(-g[rows, None]).scatter_add_(1, idx[rows, None], g[rows, None])
+        if gh is not None:
+            gh[rows] = dz @ w
+        if gw is not None:
+            gw.addmm_(dz.T, h_c)
+    return (
+        gh.to(hidden.dtype) if gh is not None else None,
+        gw.to(weight.dtype) if gw is not None else None,
+    )
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Triton backend for these inputs? Float64 always uses the torch path."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return False
+    return select_backend(*tensors) == "triton"
+
+
+def _forward(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temperature: float, entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    if use_triton(hidden, weight):
+        return linear_logprobs_fwd(hidden, weight, targets, inv_temperature, entropy)
+    return _torch_fwd(hidden, weight, targets, inv_temperature, entropy)
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    """Autograd wrapper on flattened inputs: ``hidden [N, H]``, ``weight [V, H]``, ``targets [N]``.
+
+    Saves ``hidden``, ``weight``, ``targets`` and the per-token ``lse [N]`` (not the logits); the backward
+    pass recomputes the logits block by block. The entropy output carries no gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        inv_temperature: float,
+        entropy: bool,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        logp, lse, ent = _forward(hidden, weight, targets, inv_temperature, entropy)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.inv_temperature = inv_temperature
+        if ent is None:
+            return logp
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor, *_grad_entropy: torch.Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if use_triton(hidden, weight):
+            bwd = linear_logprobs_bwd
+            grad_logp = grad_logp.float().contiguous()
+        else:
+            bwd = _torch_bwd
+        gh, gw = bwd(hidden, weight, targets, lse, grad_logp, ctx.inv_temperature, need_hidden, need_weight)
+        return gh, gw, None, None, None
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each target token under ``softmax(hidden @ weight.T / temperature)``.
+
+    The ``[N, V]`` logits are never materialised: the Triton kernels work on ``[block, block]`` tiles and
+    the torch path on ``[token_chunk_size(V), V]`` blocks; the extra memory beyond the inputs, the outputs
+    and the gradients is O(N) per-token values plus one block. Logits are accumulated in fp32 (fp64 for
+    fp64 inputs).
+
+    Args:
+        hidden: ``[..., H]`` bf16, fp16, fp32 or fp64 final hidden states.
+        weight: ``[V, H]`` lm-head weight, same dtype and device as ``hidden``.
+        targets: ``[...]`` (``hidden.shape[:-1]``) int64 or int32 token ids in ``[0, V)``.
+        temperature: positive; logits are divided by it.
+        return_entropy: also return the full-vocabulary entropy of ``softmax(logits / temperature)``.
+
+    Returns:
+        ``logp`` ``[...]`` float32 (float64 for fp64 inputs), differentiable w.r.t. ``hidden`` and
+        ``weight``; with ``return_entropy=True`` the tuple ``(logp, entropy)``, where ``entropy`` ``[...]``
+        (same dtype) is returned without gradient (a constant for autograd).
+
+    Raises:
+        ValueError: naming the argument, for a non-float ``hidden``/``weight``, mismatched shapes, dtypes or
+            devices, ``targets`` of the wrong shape or dtype or outside ``[0, V)``, or a bad ``temperature``.
+    """
+    check_lm_head(hidden, weight, "hidden", "weight")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets has shape {tuple(targets.shape)} but hidden has shape {tuple(hidden.shape)}: "
+            f"targets must have shape {tuple(hidden.shape[:-1])}"
+        )
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    check_targets(targets, weight.shape[0])
+    inv_temperature = check_temperature(temperature)
+
+    lead = hidden.shape[:-1]
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    targets1d = targets.reshape(-1)
+    if use_triton(hidden2d, weight):
+        hidden2d, weight, targets1d = hidden2d.contiguous(), weight.contiguous(), targets1d.contiguous()
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        out = LinearLogprobsFunction.apply(hidden2d, weight, targets1d, inv_temperature, return_entropy)
+        logp, ent = out if return_entropy else (out, None)
+    else:  # nothing to differentiate: skip autograd so nothing is saved
+        logp, _, ent = _forward(hidden2d, weight, targets1d, inv_temperature, return_entropy)
+    if ent is None:
+        return logp.reshape(lead)
+    return logp.reshape(lead), ent.reshape(lead)
