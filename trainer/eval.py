@@ -1,0 +1,214 @@
+"""``sodkern eval``: sample a model n times per problem (with the code interpreter); average@k, pass@k, maj@k.
+
+Per data source (and over all problems):
+
+- ``average@k``: mean accuracy of the first k samples of each problem, averaged over problems;
+- ``pass@k``: the unbiased estimator ``1 - C(n - c, k) / C(n, k)`` from all n samples (c of them correct);
+- ``maj@k``: whether the most frequent extracted answer among the first k samples is correct (samples
+  without an answer do not vote; a tie goes to the answer seen first);
+- mean tool calls, mean response length (tokens), finish reasons.
+
+Writes ``metrics.json`` and ``samples.jsonl`` (one line per sample) to ``--output-dir`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from sodkern.trainer.data import Problem, load_problems
+from sodkern.trainer.rollout import Trajectory
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: ``1 - C(n - c, k) / C(n, k)``."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: expected 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
+    """Whether the most frequent answer (None = no answer, no vote; ties: first seen) is a correct one."""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return False
+    top = max(votes.values())
+    winner = next(a for a in answers if a is not None and votes[a] == top)
+    return next(ok for a, ok in zip(answers, correct) if a == winner)
+
+
+def summarize(
+    problems: Sequence[Problem], trajectories: Sequence[Trajectory], ks: Sequence[int]
+) -> dict[str, dict[str, Any]]:
+    """Metrics per data source and over ``"all"`` problems (the module docstring defines them).
+
+    Args:
+        problems: the evaluated problems.
+        trajectories: their scored samples (``reward`` set), the same number ``n`` for every problem.
+        ks: the k values, each in ``1..n``.
+    """
+    samples: dict[str, list[Trajectory]] = defaultdict(list)
+    for t in trajectories:
+        if t.reward is None:
+            raise ValueError(f"trajectories: sample {t.sample_index} of {t.uid!r} has no reward; score it first")
+        samples[t.uid].append(t)
+    groups: dict[str, list[Problem]] = defaultdict(list)
+    for p in problems:
+        groups[p.data_source].append(p)
+    groups["all"] = list(problems)
+    out = {}
+    for source, group in groups.items():
+        rows: dict[str, list[float]] = defaultdict(list)
+        finish: Counter[str] = Counter()
+        for p in group:
+            ts = sorted(samples[p.uid], key=lambda t: t.sample_index)
+            n = len(ts)
+            correct = [bool(t.reward.correct) for t in ts]
+            answers = [None if t.reward.extracted is None else str(t.reward.extracted).strip() for t in ts]
+            for k in ks:
+                if not 1 <= k <= n:
+                    raise ValueError(f"k={k}: expected 1 <= k <= n, and problem {p.uid!r} has n={n} samples")
+                rows[f"average@{k}"].append(sum(correct[:k]) / k)
+                rows[f"pass@{k}"].append(pass_at_k(n, sum(correct), k))
+                rows[f"maj@{k}"].append(float(majority_correct(answers[:k], correct[:k])))
+            rows["mean_score"] += [t.reward.score for t in ts]
+            rows["mean_tool_calls"] += [t.num_tool_calls for t in ts]
+            rows["mean_response_tokens"] += [len(t.response_ids) for t in ts]
+            finish.update(t.finish_reason for t in ts)
+        out[source] = {"problems": len(group), **{k: sum(v) / len(v) for k, v in rows.items()}}
+        out[source]["finish_reasons"] = dict(finish)
+    return out
+
+
+def print_table(metrics: dict[str, dict[str, Any]], ks: Sequence[int]) -> None:
+    """Print ``metrics`` (from :func:`summarize`): a row per metric, a column per data source."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="sodkern eval (accuracies in %)")
+    table.add_column("metric")
+    for source in metrics:
+        table.add_column(source, justify="right")
+    table.add_row("problems", *(str(m["problems"]) for m in metrics.values()))
+    for name in [f"{m}@{k}" for k in ks for m in ("average", "pass", "maj")]:
+        table.add_row(name, *(f"{100 * m[name]:.2f}" for m in metrics.values()))
+    table.add_row("tool calls", *(f"{m['mean_tool_calls']:.2f}" for m in metrics.values()))
+    table.add_row("response tokens", *(f"{m['mean_response_tokens']:.1f}" for m in metrics.values()))
+    Console().print(table)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sodkern eval", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="folder of a Hugging Face causal LM and its tokenizer")
+    ap.add_argument("--data", required=True, nargs="+", help=".parquet or .jsonl problem files")
+    ap.add_argument("--n", type=int, default=32, help="samples per problem (default 32)")
+    ap.add_argument("--k", type=int, nargs="+", help="k values for the @k metrics (default: n)")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=0.6, help="nucleus sampling (the recipe's eval: 0.6)")
+    ap.add_argument("--top-k", type=int, default=-1, help="top-k sampling; <= 0 disables it")
+    ap.add_argument("--max-turns", type=int, default=16, help="assistant turns per sample")
+    ap.add_argument("--max-response-tokens", type=int, default=20480)
+    ap.add_argument("--output-dir", default="eval_results", help="metrics.json and samples.jsonl go here")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+    ap.add_argument("--limit", type=int, help="evaluate only the first N problems of each file")
+    ap.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument(
+        "--template-kwargs",
+        default="{}",
+        help="JSON chat-template variables, e.g. '{\"enable_thinking\": false}'",
+    )
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from sodkern.trainer.chat import ChatFormat
+    from sodkern.trainer.rollout import HFEngine, RolloutConfig, rollout, score_trajectories
+    from sodkern.trainer.sandbox import CodeInterpreter
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ks = args.k or [args.n]
+    if args.n < 1 or any(not 1 <= k <= args.n for k in ks):
+        raise SystemExit(f"sodkern eval: --n must be >= 1 and every --k in 1..n (n={args.n}, k={ks})")
+    try:
+        template_kwargs = json.loads(args.template_kwargs)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"sodkern eval: --template-kwargs is not valid JSON: {e}") from None
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else None
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+    problems: list[Problem] = []
+    for path in args.data:
+        problems += list(load_problems(path))[: args.limit]
+    if not problems:
+        raise SystemExit(f"sodkern eval: no problems in {' '.join(args.data)}")
+    repeated = [uid for uid, count in Counter(p.uid for p in problems).items() if count > 1]
+    if repeated:
+        raise SystemExit(f"sodkern eval: problem uids must be unique; repeated: {repeated[:5]}")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    tool = CodeInterpreter()
+    chat = ChatFormat(tokenizer, template_kwargs=template_kwargs)  # the training prompts' tool schema
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engine = HFEngine(model, pad_token_id=pad, max_batch_size=args.batch_size)
+    config = RolloutConfig(
+        n=args.n,
+        max_turns=args.max_turns,
+        max_response_tokens=args.max_response_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        progress=not args.no_progress,
+    )
+    started = time.perf_counter()
+    trajectories = rollout(problems, engine, chat, tool, config)
+    seconds = time.perf_counter() - started
+    score_trajectories(trajectories, problems, max_response_tokens=args.max_response_tokens)
+    metrics = summarize(problems, trajectories, ks)
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    generated = sum(sum(t.response_mask) for t in trajectories)
+    run = {**vars(args), "k": ks, "rollout_seconds": seconds, "generated_tokens": generated}
+    (out / "metrics.json").write_text(json.dumps({"config": run, "metrics": metrics}, indent=2) + "\n")
+    sources = {p.uid: p.data_source for p in problems}
+    with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
+        for t in trajectories:
+            row = {
+                "uid": t.uid,
+                "data_source": sources[t.uid],
+                "sample_index": t.sample_index,
+                "correct": t.reward.correct,
+                "score": t.reward.score,
+                "extracted": t.reward.extracted,
+                "num_turns": t.num_turns,
+                "num_tool_calls": t.num_tool_calls,
+                "response_tokens": len(t.response_ids),
+                "finish_reason": t.finish_reason,
+                "text": t.text,
+            }
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print_table(metrics, ks)
+    print(f"wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
