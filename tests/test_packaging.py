@@ -39,3 +39,5 @@ def test_wheel_layout(wheel):
     top_level = {n.split("/")[0] for n in names}
     assert "kernels" not in top_level and "trainer" not in top_level, sorted(top_level)
     assert not any("__pycache__" in n for n in names)
+    assert "sodkern/trainer/sandbox/sodkern-sandbox" in names  # the native launcher built by CMakeLists.txt
+    assert not any(n.endswith((".c", ".h")) for n in names)
