@@ -75,22 +75,10 @@ class CodeInterpreter:
         return [next(ran) if i in valid_set else _bad_argument(code) for i, code in enumerate(codes)]
 
     def schema(self) -> dict:
-        """OpenAI-style function schema of the tool."""
-        return {
-            "type": "function",
-            "function": {
-                "name": self.name,
-                "description": (
-                    "Run Python code in a sandbox and return what it prints. The value of a final bare "
-                    "expression is printed too. No network; the standard library, numpy and sympy are available."
-                ),
-                "parameters": {
-                    "type": "object",
-                    "properties": {"code": {"type": "string", "description": "the Python code to run"}},
-                    "required": ["code"],
-                },
-            },
-        }
+        """OpenAI-style function schema of the tool (the one prompts render, so training and eval agree)."""
+        from sodkern.trainer.prompts import CODE_INTERPRETER_TOOL
+
+        return CODE_INTERPRETER_TOOL
 
 
 def _bad_argument(code: object) -> ExecResult:
