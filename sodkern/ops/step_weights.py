@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from sodkern._backend import select_backend, triton_interpret
-from sodkern._validate import check_finite_where, check_float, check_mask, check_same_shape
+from sodkern._validate import check_finite_where, check_float, check_same_shape
 
 
 @dataclass
@@ -32,25 +32,52 @@ class StepWeights:
     num_steps: torch.Tensor
 
 
-def _step_ids(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step index of each token (-1 outside steps) and step count per row, for a ``[B, T]`` bool mask."""
-    prev = torch.nn.functional.pad(m[:, :-1], (1, 0), value=False)
-    start = m & ~prev
-    ids = torch.cumsum(start, dim=1) - 1
-    return torch.where(m, ids, -1), start.sum(dim=1)
+def _runs(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row, first token and end (exclusive) of every step of a contiguous ``[B, T]`` bool mask, row-major order.
 
-
-def _sums_torch(
-    student_logp: torch.Tensor, teacher_logp: torch.Tensor, m: torch.Tensor, K: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-step sums of |s - tau| (accumulated in float64) and token counts, ``[B, K]`` each."""
-    ids, _ = _step_ids(m)
-    slot = torch.where(m, ids, K)  # tokens outside steps go to a discarded slot K
-    diff = torch.where(m, (student_logp.double() - teacher_logp.double()).abs(), 0.0)
+    One ``diff`` over the mask padded with a 0 column on each side marks every run boundary; boundaries alternate
+    start, end within a row, so one ``nonzero`` finds all of them.
+    """
     B = m.shape[0]
-    sums = torch.zeros(B, K + 1, dtype=torch.float64, device=m.device).scatter_add_(1, slot, diff)
-    counts = torch.zeros(B, K + 1, dtype=torch.float64, device=m.device).scatter_add_(1, slot, m.double())
-    return sums[:, :K], counts[:, :K]
+    zero = torch.zeros(B, 1, dtype=torch.uint8, device=m.device)
+    edges = torch.diff(m.view(torch.uint8), dim=1, prepend=zero, append=zero)  # [B, T + 1], 255 at ends
+    pos = edges.nonzero()
+    return pos[0::2, 0], pos[0::2, 1], pos[1::2, 1]
+
+
+def _torch_path(
+    s: torch.Tensor, tau: torch.Tensor, m: torch.Tensor, eps: float, delta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step weights from run boundaries: about seven passes over the ``[B, T]`` inputs.
+
+    Returns ``(token_weights [B, T] f32, d [B, K] f64, w [B, K] f64, num_steps [B] int64)``.
+    """
+    B, T = m.shape
+    rows, starts, ends = _runs(m)
+    num_steps = torch.bincount(rows, minlength=B)
+    K = int(num_steps.max()) if B else 0
+    # The flat [B*T] array is a sequence of segments gap_0, step_1, gap_1, ..., step_S, gap_S.
+    breaks = torch.stack([rows * T + starts, rows * T + ends], dim=1).flatten()
+    bounds = torch.cat([breaks.new_zeros(1), breaks, breaks.new_full((1,), B * T)])
+    lengths = bounds.diff()
+    x = (s - tau).abs_().reshape(-1)
+    sums = torch.segment_reduce(x, "sum", lengths=lengths)[1::2].double() if rows.numel() else x.new_zeros(0).double()
+    if not bool(torch.isfinite(sums).all()):
+        check_finite_where(s, m, "student_logp")
+        check_finite_where(tau, m, "teacher_logp")
+    d_flat = sums / (ends - starts).double()
+    first = torch.cumsum(num_steps, 0) - num_steps  # index of each row's first step
+    k = torch.arange(rows.numel(), device=m.device) - first[rows]
+    d1 = d_flat[first[rows]]
+    w_flat = torch.where(k == 0, 1.0, torch.clamp_max((d1 + eps) / (d_flat + eps), 1.0 + delta))
+    d = torch.full((B, K), torch.nan, dtype=torch.float64, device=m.device)
+    w = torch.full((B, K), torch.nan, dtype=torch.float64, device=m.device)
+    d[rows, k] = d_flat
+    w[rows, k] = w_flat
+    vals = torch.zeros(lengths.numel(), dtype=torch.float32, device=m.device)
+    vals[1::2] = w_flat.float()
+    tw = torch.repeat_interleave(vals, lengths, output_size=B * T).view(B, T)
+    return tw, d, w, num_steps
 
 
 def stepwise_weights(
@@ -79,29 +106,29 @@ def stepwise_weights(
     check_float(teacher_logp, "teacher_logp")
     check_same_shape(student_logp, teacher_logp, "student_logp", "teacher_logp")
     check_same_shape(student_logp, response_mask, "student_logp", "response_mask")
-    check_mask(response_mask)
-    check_finite_where(student_logp, response_mask, "student_logp")
-    check_finite_where(teacher_logp, response_mask, "teacher_logp")
+    if response_mask.dtype == torch.bool:
+        m = response_mask.contiguous()
+    else:
+        m = (response_mask != 0).contiguous()
+        if not torch.equal(response_mask, m.to(response_mask.dtype)):
+            raise ValueError("response_mask must contain only 0 and 1")
 
     with torch.no_grad():
         s, tau = student_logp.detach(), teacher_logp.detach()
-        backend = select_backend(s, tau, response_mask)
-        if backend == "triton":
-            from sodkern.kernels import step_weights as kern
+        if select_backend(s, tau, response_mask) == "torch":
+            tw, d, w, num_steps = _torch_path(s.float(), tau.float(), m, eps, delta)
+            return StepWeights(token_weights=tw, step_divergence=d.float(), step_weights=w.float(), num_steps=num_steps)
 
-            interpret = triton_interpret()
-            mask = response_mask.contiguous()
-            if mask.dtype == torch.bool:
-                mask = mask.view(torch.uint8)
-            num_steps = kern.count_steps(mask, interpret=interpret)
-            K = int(num_steps.max()) if num_steps.numel() else 0
-            sums, counts = kern.step_sums(s.contiguous(), tau.contiguous(), mask, K, interpret=interpret)
-        else:
-            m = response_mask != 0
-            _, num_steps = _step_ids(m)
-            K = int(num_steps.max()) if num_steps.numel() else 0
-            sums, counts = _sums_torch(s, tau, m, K)
+        from sodkern.kernels import step_weights as kern
 
+        interpret = triton_interpret()
+        mask = m.view(torch.uint8)
+        num_steps = kern.count_steps(mask, interpret=interpret)
+        K = int(num_steps.max()) if num_steps.numel() else 0
+        sums, counts = kern.step_sums(s.contiguous(), tau.contiguous(), mask, K, interpret=interpret)
+        if not bool(torch.isfinite(sums).all()):  # a non-finite value inside a step: name the argument
+            check_finite_where(s, m, "student_logp")
+            check_finite_where(tau, m, "teacher_logp")
         valid = torch.arange(K, device=s.device) < num_steps[:, None]
         d = torch.where(valid, sums.double() / counts.double().clamp_min(1), torch.nan)
         w = torch.clamp_max((d[:, :1] + eps) / (d + eps), 1.0 + delta)
@@ -109,10 +136,5 @@ def stepwise_weights(
         if K:
             w[:, 0] = torch.where(valid[:, 0], 1.0, torch.nan)
         w32 = w.float()
-        if backend == "triton":
-            tw = kern.token_weights(mask, torch.nan_to_num(w32, nan=0.0).contiguous(), interpret=interpret)
-        else:
-            ids, _ = _step_ids(m)
-            padded = torch.cat([torch.nan_to_num(w32, nan=0.0), w32.new_zeros(w32.shape[0], 1)], dim=1)
-            tw = torch.gather(padded, 1, torch.where(m, ids, K))
+        tw = kern.token_weights(mask, torch.nan_to_num(w32, nan=0.0).contiguous(), interpret=interpret)
     return StepWeights(token_weights=tw, step_divergence=d.float(), step_weights=w32, num_steps=num_steps)
