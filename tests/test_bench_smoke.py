@@ -67,4 +67,5 @@ def test_isolated_workers_measure_peak_rss(tmp_path: Path) -> None:
         assert r["status"] == "ok", r
         if Path("/proc/self/clear_refs").exists():
             assert r["mem_bytes"] is not None and r["mem_bytes"] >= 0
-    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 1.0
+    # ratios are reported, not asserted: timings on a shared CI machine are not a test
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0
