@@ -15,7 +15,7 @@ large common offset between student and teacher logits does not cancel catastrop
 
 Backward: grid (token blocks, vocabulary blocks); each program recomputes both tiles, forms
 ``dz = g * p_s * (log p_s - log p_t - KL) / T`` and accumulates the student gradients with fp32 atomics
-(:func:`sodkern.kernels.linear_logprobs.accumulate_grads`). The teacher gets no gradient.
+(:func:`sodkern.kernels._tiles.accumulate_grads`). The teacher gets no gradient.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_logprobs import (
+from ._tiles import (
     accumulate_grads,
-    block_config,
     dot_precision,
-    interpreting,
+    grad_buffers,
+    launch_config,
     logits_tile,
+    online_lse,
+    span,
     vocab_splits,
 )
 
@@ -62,10 +64,8 @@ def _kl_fwd_kernel(
     PRECISION_S: tl.constexpr,
     PRECISION_T: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    rows, row_mask = span(tl.program_id(0).to(tl.int64) * BLOCK_N, BLOCK_N, N)
     ms = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     mt = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     ss = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -74,32 +74,24 @@ def _kl_fwd_kernel(
     v_begin = pid_s * blocks_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + blocks_per_split * BLOCK_V, V)
     for v0 in range(v_begin, v_end, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < v_end
-        acc_s = logits_tile(
-            sh_ptr, sw_ptr, rows, cols, row_mask, col_mask, HS, stride_sh, stride_sw,
+        cols, col_mask = span(v0, BLOCK_V, v_end)
+        zs_raw = logits_tile(
+            sh_ptr, sw_ptr, rows, cols, row_mask, col_mask, HS, stride_sh, stride_sw, inv_t,
             BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION_S,
         )  # fmt: skip
-        acc_t = logits_tile(
-            th_ptr, tw_ptr, rows, cols, row_mask, col_mask, HT, stride_th, stride_tw,
+        zt_raw = logits_tile(
+            th_ptr, tw_ptr, rows, cols, row_mask, col_mask, HT, stride_th, stride_tw, inv_t,
             BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION_T,
         )  # fmt: skip
-        zs = tl.where(col_mask[None, :], acc_s * inv_t, float("-inf"))
-        zt = tl.where(col_mask[None, :], acc_t * inv_t, float("-inf"))
-        ms_new = tl.maximum(ms, tl.max(zs, axis=1))
-        mt_new = tl.maximum(mt, tl.max(zt, axis=1))
-        alpha_s = tl.exp(ms - ms_new)
-        alpha_t = tl.exp(mt - mt_new)
+        ms_new, alpha_s, es, ss_new = online_lse(ms, ss, tl.where(col_mask[None, :], zs_raw, float("-inf")))
+        mt_new, _, _, st = online_lse(mt, st, tl.where(col_mask[None, :], zt_raw, float("-inf")))
         # rebase a to the new maxima: each old term gains (ms - ms_new) - (mt - mt_new)
         delta = tl.where(ss > 0, ms - ms_new, 0.0) - tl.where(ss > 0, mt - mt_new, 0.0)
         a = alpha_s * (a + ss * delta)
-        es = tl.exp(zs - ms_new[:, None])
         # from the unmasked tiles: masked columns would give (-inf) - (-inf)
-        d = (acc_s * inv_t - ms_new[:, None]) - (acc_t * inv_t - mt_new[:, None])
-        d = tl.where(col_mask[None, :], d, 0.0)
+        d = tl.where(col_mask[None, :], (zs_raw - ms_new[:, None]) - (zt_raw - mt_new[:, None]), 0.0)
         a += tl.sum(es * d, axis=1)
-        ss = ss * alpha_s + tl.sum(es, axis=1)
-        st = st * alpha_t + tl.sum(tl.exp(zt - mt_new[:, None]), axis=1)
+        ss = ss_new
         ms = ms_new
         mt = mt_new
     out = pid_s * N + rows
@@ -140,28 +132,21 @@ def _kl_bwd_kernel(
     COMPUTE_DH: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_v = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < N
-    col_mask = cols < V
+    rows, row_mask = span(tl.program_id(0).to(tl.int64) * BLOCK_N, BLOCK_N, N)
+    cols, col_mask = span(tl.program_id(1).to(tl.int64) * BLOCK_V, BLOCK_V, V)
     lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
     kl = tl.load(kl_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
-    acc_s = logits_tile(
-        sh_ptr, sw_ptr, rows, cols, row_mask, col_mask, HS, stride_sh, stride_sw,
+    log_ps = logits_tile(
+        sh_ptr, sw_ptr, rows, cols, row_mask, col_mask, HS, stride_sh, stride_sw, inv_t,
         BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION_S,
-    )  # fmt: skip
-    acc_t = logits_tile(
-        th_ptr, tw_ptr, rows, cols, row_mask, col_mask, HT, stride_th, stride_tw,
+    ) - lse_s[:, None]  # fmt: skip
+    log_pt = logits_tile(
+        th_ptr, tw_ptr, rows, cols, row_mask, col_mask, HT, stride_th, stride_tw, inv_t,
         BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION_T,
-    )  # fmt: skip
-    log_ps = acc_s * inv_t - lse_s[:, None]
-    log_pt = acc_t * inv_t - lse_t[:, None]
+    ) - lse_t[:, None]  # fmt: skip
     dz = tl.exp(log_ps) * (log_ps - log_pt - kl[:, None]) * (g * inv_t)[:, None]
-    dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
     accumulate_grads(
         dz, sh_ptr, sw_ptr, gh_ptr, gw_ptr, rows, cols, row_mask, col_mask, HS, stride_sh, stride_sw,
         BLOCK_H, UPCAST, PRECISION_S, COMPUTE_DH, COMPUTE_DW,
@@ -181,11 +166,6 @@ def merge_kl_partials(
     a_total = (scale_s * (a + ss * ((ms - top_s) - (mt - top_t)))).sum(dim=0)
     log_s, log_t = torch.log(total_s), torch.log(total_t)
     return a_total / total_s - log_s + log_t, top_s + log_s, top_t + log_t
-
-
-def _config(*dtypes: torch.dtype) -> tuple[int, int, int, int]:
-    """Block sizes for the widest operand dtype (fp32 tiles take twice the shared memory)."""
-    return block_config(torch.float32 if torch.float32 in dtypes else dtypes[0])
 
 
 def linear_reverse_kl_fwd(
@@ -213,18 +193,15 @@ def linear_reverse_kl_fwd(
     if n == 0:
         kl, lse_s, lse_t = (student_hidden.new_empty(0, dtype=torch.float32) for _ in range(3))
         return kl, lse_s, lse_t
-    block_n, block_v, block_h, num_warps = _config(student_hidden.dtype, teacher_hidden.dtype)
-    n_blocks = triton.cdiv(n, block_n)
-    per_split, splits = vocab_splits(n_blocks, triton.cdiv(v, block_v), device)
+    cfg = launch_config(student_hidden.dtype, teacher_hidden.dtype)
+    n_blocks, per_split, splits = vocab_splits(n, v, cfg, device)
     parts = torch.empty((5, splits, n), dtype=torch.float32, device=device)
     ms, ss, mt, st, a = parts.unbind(0)
     _kl_fwd_kernel[(n_blocks, splits)](
         student_hidden, student_weight, teacher_hidden, teacher_weight, ms, ss, mt, st, a,
         n, v, hs, ht, student_hidden.stride(0), student_weight.stride(0), teacher_hidden.stride(0),
         teacher_weight.stride(0), inv_temperature, per_split,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, UPCAST=interpreting(),
-        PRECISION_S=dot_precision(student_hidden.dtype), PRECISION_T=dot_precision(teacher_hidden.dtype),
-        num_warps=num_warps,
+        PRECISION_S=dot_precision(student_hidden.dtype), PRECISION_T=dot_precision(teacher_hidden.dtype), **cfg,
     )  # fmt: skip
     return merge_kl_partials(ms, ss, mt, st, a)
 
@@ -257,18 +234,15 @@ def linear_reverse_kl_bwd(
     """
     n, hs = student_hidden.shape
     v, ht = student_weight.shape[0], teacher_hidden.shape[1]
-    device = student_hidden.device
-    gh = torch.zeros((n, hs), dtype=torch.float32, device=device) if need_hidden else kl
-    gw = torch.zeros((v, hs), dtype=torch.float32, device=device) if need_weight else kl
+    gh, gw = grad_buffers(student_hidden, student_weight, need_hidden, need_weight)
     if n > 0:
-        block_n, block_v, block_h, num_warps = _config(student_hidden.dtype, teacher_hidden.dtype)
-        _kl_bwd_kernel[(triton.cdiv(n, block_n), triton.cdiv(v, block_v))](
+        cfg = launch_config(student_hidden.dtype, teacher_hidden.dtype)
+        _kl_bwd_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))](
             student_hidden, student_weight, teacher_hidden, teacher_weight, lse_s, lse_t, kl, grad_kl, gh, gw,
             n, v, hs, ht, student_hidden.stride(0), student_weight.stride(0), teacher_hidden.stride(0),
             teacher_weight.stride(0), inv_temperature,
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, UPCAST=interpreting(),
             PRECISION_S=dot_precision(student_hidden.dtype), PRECISION_T=dot_precision(teacher_hidden.dtype),
-            COMPUTE_DH=need_hidden, COMPUTE_DW=need_weight, num_warps=num_warps,
+            COMPUTE_DH=need_hidden, COMPUTE_DW=need_weight, **cfg,
         )  # fmt: skip
     return (
         gh.to(student_hidden.dtype) if need_hidden else None,

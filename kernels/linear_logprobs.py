@@ -13,146 +13,25 @@ atomics (one kernel instead of two recomputing passes; the price is a non-determ
 cast to the input dtype by the caller. On GPU the ``dz`` operand of those two products is cast to the input
 dtype (bf16/fp16 tensor cores, fp32 accumulation).
 
-All offsets are int64 (``program_id(..).to(tl.int64)``) so ``N * V`` or ``V * H`` beyond 2**31 is safe.
-Under ``TRITON_INTERPRET=1`` the operands are upcast to fp32 before ``tl.dot`` (``UPCAST``): the interpreter
-returns garbage for ``tl.dot`` on bf16 operands.
+The tile helpers (int64 offsets, the ``UPCAST`` work-around for the interpreter) are in :mod:`._tiles`.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def block_config(dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """Fixed ``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)`` for operands of ``dtype`` (no autotuning yet)."""
-    if interpreting():
-        return 16, 32, 32, 1
-    if dtype == torch.float32:
-        return 32, 64, 32, 4
-    return 64, 128, 64, 8
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 operands use exact fp32 products ("ieee"), not TF32; low-precision operands use tensor cores."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def vocab_splits(n_blocks: int, v_blocks: int, device: torch.device) -> tuple[int, int]:
-    """Split the vocabulary so the forward grid has enough programs: returns (blocks_per_split, splits)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    target = 2 * sms
-    splits = min(v_blocks, max(1, triton.cdiv(target, n_blocks)))
-    per_split = triton.cdiv(v_blocks, splits)
-    return per_split, triton.cdiv(v_blocks, per_split)
-
-
-@triton.jit
-def logits_tile(
-    h_ptr,
-    w_ptr,
-    rows,
-    cols,
-    row_mask,
-    col_mask,
-    H,
-    stride_h,
-    stride_w,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """``hidden[rows] @ weight[cols].T`` as a ``[BLOCK_N, BLOCK_V]`` fp32 tile (masked entries are 0)."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        hs = h0 + tl.arange(0, BLOCK_H)
-        h_mask = hs < H
-        a = tl.load(
-            h_ptr + rows[:, None] * stride_h + hs[None, :],
-            mask=row_mask[:, None] & h_mask[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            w_ptr + cols[None, :] * stride_w + hs[:, None],
-            mask=col_mask[None, :] & h_mask[:, None],
-            other=0.0,
-        )
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def accumulate_grads(
-    dz,
-    h_ptr,
-    w_ptr,
-    gh_ptr,
-    gw_ptr,
-    rows,
-    cols,
-    row_mask,
-    col_mask,
-    H,
-    stride_h,
-    stride_w,
-    BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    COMPUTE_DH: tl.constexpr,
-    COMPUTE_DW: tl.constexpr,
-):
-    """Atomically add ``dz @ weight[cols]`` to ``gh[rows]`` and ``dz.T @ hidden[rows]`` to ``gw[cols]``.
-
-    ``dz`` is ``[BLOCK_N, BLOCK_V]`` fp32 and must be 0 outside ``row_mask x col_mask``; ``gh`` and ``gw`` are
-    contiguous fp32 buffers of row length ``H``.
-    """
-    dz_op = dz if UPCAST else dz.to(h_ptr.dtype.element_ty)
-    for h0 in range(0, H, BLOCK_H):
-        hs = h0 + tl.arange(0, BLOCK_H)
-        h_mask = hs < H
-        if COMPUTE_DH:
-            w = tl.load(
-                w_ptr + cols[:, None] * stride_w + hs[None, :],
-                mask=col_mask[:, None] & h_mask[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                w = w.to(tl.float32)
-            dh = tl.dot(dz_op, w, input_precision=PRECISION)
-            tl.atomic_add(
-                gh_ptr + rows[:, None] * H + hs[None, :],
-                dh,
-                mask=row_mask[:, None] & h_mask[None, :],
-                sem="relaxed",
-            )
-        if COMPUTE_DW:
-            h = tl.load(
-                h_ptr + rows[:, None] * stride_h + hs[None, :],
-                mask=row_mask[:, None] & h_mask[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                h = h.to(tl.float32)
-            dw = tl.dot(tl.trans(dz_op), h, input_precision=PRECISION)
-            tl.atomic_add(
-                gw_ptr + cols[:, None] * H + hs[None, :],
-                dw,
-                mask=col_mask[:, None] & h_mask[None, :],
-                sem="relaxed",
-            )
+from ._tiles import (
+    accumulate_grads,
+    dot_precision,
+    grad_buffers,
+    launch_config,
+    logits_tile,
+    online_lse,
+    span,
+    vocab_splits,
+)
 
 
 @triton.jit
@@ -178,10 +57,8 @@ def _logprobs_fwd_kernel(
     PRECISION: tl.constexpr,
     ENTROPY: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    rows, row_mask = span(tl.program_id(0).to(tl.int64) * BLOCK_N, BLOCK_N, N)
     tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -190,22 +67,19 @@ def _logprobs_fwd_kernel(
     v_begin = pid_s * blocks_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + blocks_per_split * BLOCK_V, V)
     for v0 in range(v_begin, v_end, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < v_end
-        acc = logits_tile(
-            h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+        cols, col_mask = span(v0, BLOCK_V, v_end)
+        z = logits_tile(
+            h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_t,
             BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION,
         )  # fmt: skip
-        z = tl.where(col_mask[None, :], acc * inv_t, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new, alpha, e, s_new = online_lse(m, s, z)
         if ENTROPY:
             # t = sum exp(z - m) * (z - m); rebasing m -> m_new: alpha * (t + (m - m_new) * s)
             shift = tl.where(s > 0, m - m_new, 0.0) * s
             d = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
             t = alpha * (t + shift) + tl.sum(e * d, axis=1)
-        s = s * alpha + tl.sum(e, axis=1)
+        s = s_new
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         m = m_new
     out = pid_s * N + rows
@@ -239,26 +113,20 @@ def _logprobs_bwd_kernel(
     COMPUTE_DH: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_v = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < N
-    col_mask = cols < V
+    rows, row_mask = span(tl.program_id(0).to(tl.int64) * BLOCK_N, BLOCK_N, N)
+    cols, col_mask = span(tl.program_id(1).to(tl.int64) * BLOCK_V, BLOCK_V, V)
     tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
-    acc = logits_tile(
-        h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+    z = logits_tile(
+        h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_t,
         BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION,
     )  # fmt: skip
-    p = tl.exp(acc * inv_t - lse[:, None])
+    p = tl.exp(z - lse[:, None])
     onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
-    dz = (onehot - p) * (g * inv_t)[:, None]
-    dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
     accumulate_grads(
-        dz, h_ptr, w_ptr, gh_ptr, gw_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
-        BLOCK_H, UPCAST, PRECISION, COMPUTE_DH, COMPUTE_DW,
+        (onehot - p) * (g * inv_t)[:, None], h_ptr, w_ptr, gh_ptr, gw_ptr, rows, cols, row_mask, col_mask, H,
+        stride_h, stride_w, BLOCK_H, UPCAST, PRECISION, COMPUTE_DH, COMPUTE_DW,
     )  # fmt: skip
 
 
@@ -308,18 +176,15 @@ def linear_logprobs_fwd(
     if n == 0:
         logp, lse, ent = (hidden.new_empty(0, dtype=torch.float32) for _ in range(3))  # distinct tensors
         return logp, lse, ent if entropy else None
-    block_n, block_v, block_h, num_warps = block_config(hidden.dtype)
-    n_blocks = triton.cdiv(n, block_n)
-    per_split, splits = vocab_splits(n_blocks, triton.cdiv(v, block_v), hidden.device)
+    cfg = launch_config(hidden.dtype)
+    n_blocks, per_split, splits = vocab_splits(n, v, cfg, hidden.device)
     m = torch.empty((splits, n), dtype=torch.float32, device=hidden.device)
     s = torch.empty_like(m)
     zt = torch.empty_like(m)
     t = torch.empty_like(m) if entropy else s  # s stands in as an unused pointer
     _logprobs_fwd_kernel[(n_blocks, splits)](
         hidden, weight, targets, m, s, t, zt, n, v, h, hidden.stride(0), weight.stride(0),
-        inv_temperature, per_split,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, UPCAST=interpreting(),
-        PRECISION=dot_precision(hidden.dtype), ENTROPY=entropy, num_warps=num_warps,
+        inv_temperature, per_split, PRECISION=dot_precision(hidden.dtype), ENTROPY=entropy, **cfg,
     )  # fmt: skip
     top, log_total, ent = merge_lse_partials(m, s, t if entropy else None)
     return (zt.sum(dim=0) - top) - log_total, top + log_total, ent
@@ -351,16 +216,13 @@ def linear_logprobs_bwd(
     """
     n, h = hidden.shape
     v = weight.shape[0]
-    block_n, block_v, block_h, num_warps = block_config(hidden.dtype)
-    gh = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_hidden else lse
-    gw = torch.zeros((v, h), dtype=torch.float32, device=hidden.device) if need_weight else lse
+    cfg = launch_config(hidden.dtype)
+    gh, gw = grad_buffers(hidden, weight, need_hidden, need_weight)
     if n > 0:
-        _logprobs_bwd_kernel[(triton.cdiv(n, block_n), triton.cdiv(v, block_v))](
+        _logprobs_bwd_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))](
             hidden, weight, targets, lse, grad_logp, gh, gw, n, v, h, hidden.stride(0), weight.stride(0),
-            inv_temperature,
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, UPCAST=interpreting(),
-            PRECISION=dot_precision(hidden.dtype), COMPUTE_DH=need_hidden, COMPUTE_DW=need_weight,
-            num_warps=num_warps,
+            inv_temperature, PRECISION=dot_precision(hidden.dtype), COMPUTE_DH=need_hidden,
+            COMPUTE_DW=need_weight, **cfg,
         )  # fmt: skip
     return (
         gh.to(hidden.dtype) if need_hidden else None,

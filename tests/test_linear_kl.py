@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import sodkern.ops.linear_logprobs as logprob_ops
 from sodkern.ops.linear_kl import linear_reverse_kl
 from sodkern.ops.linear_logprobs import token_chunk_size
+
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib leaves tests/ off sys.path
+from _linear_ref import LargestTensor, assert_grad_close  # noqa: E402
 
 HS, HT, V, T = 70, 45, 301, 0.7  # teacher hidden size differs; nothing is a multiple of a block size
 
@@ -34,11 +39,6 @@ def reference_grads(sh, sw, th, tw, grad, temperature):
     swd = sw.detach().double().requires_grad_()
     (reference(shd, swd, th, tw, temperature) * grad.double()).sum().backward()
     return shd.grad, swd.grad
-
-
-def assert_grad_close(actual, expected, dtype):
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(actual.double(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -130,21 +130,6 @@ def test_gradcheck_fp64_torch_path(monkeypatch, chunk_elements):
     assert torch.autograd.gradcheck(lambda h, w: linear_reverse_kl(h, w, th, tw, temperature=1.3), (sh, sw))
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest numel of any tensor an aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("n", [40, 400])
 def test_torch_path_never_holds_more_than_one_chunk(monkeypatch, n):
     monkeypatch.setenv("SODKERN_BACKEND", "torch")
@@ -152,7 +137,7 @@ def test_torch_path_never_holds_more_than_one_chunk(monkeypatch, n):
     sh, sw, th, tw = make((n,), torch.float32, "cpu", hs=4, ht=3, v=4096)
     sh.requires_grad_()
     sw.requires_grad_()
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         linear_reverse_kl(sh, sw, th, tw).sum().backward()
     assert mode.largest == token_chunk_size(4096) * 4096 == 8 * 4096  # one [chunk, V] block; naive [N, V]
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import sodkern.ops.linear_logprobs as ops
 from sodkern.ops.linear_logprobs import linear_logprobs, token_chunk_size
+
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib leaves tests/ off sys.path
+from _linear_ref import LargestTensor, assert_grad_close  # noqa: E402
 
 H, V, T = 70, 301, 0.7  # deliberately not multiples of any block size
 
@@ -36,12 +39,6 @@ def reference_grads(hidden, weight, targets, grad, temperature):
     wd = weight.detach().double().requires_grad_()
     (reference(hd, wd, targets, temperature)[0] * grad.double()).sum().backward()
     return hd.grad, wd.grad
-
-
-def assert_grad_close(actual, expected, dtype):
-    # low-precision grads are rounded to the input dtype: compare relative to the largest entry
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(actual.double(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -133,21 +130,6 @@ def test_chunk_size_logic():
     assert token_chunk_size(1 << 26) == 1
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest numel of any tensor an aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("n", [40, 400])
 def test_torch_path_never_holds_more_than_one_chunk(monkeypatch, n):
     monkeypatch.setenv("SODKERN_BACKEND", "torch")
@@ -156,7 +138,7 @@ def test_torch_path_never_holds_more_than_one_chunk(monkeypatch, n):
     hidden, weight, targets = make((n,), torch.float32, "cpu", h=h, v=vocab)
     hidden.requires_grad_()
     weight.requires_grad_()
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         linear_logprobs(hidden, weight, targets, return_entropy=True)[0].sum().backward()
     # the largest intermediate is one [chunk, V] block (8 x 4096) whatever N is; naive would be [N, V]
     assert mode.largest == token_chunk_size(vocab) * vocab == 8 * vocab

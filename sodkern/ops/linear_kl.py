@@ -17,8 +17,9 @@ from sodkern.ops.linear_logprobs import (
     check_lm_head,
     check_temperature,
     chunk_logits,
+    chunked_head_grads,
     log_softmax_,
-    token_chunk_size,
+    token_chunks,
     use_triton,
 )
 
@@ -37,9 +38,7 @@ def _torch_fwd(
     sw, tw = student_weight.to(acc), teacher_weight.to(acc)
     kl = torch.empty(n, dtype=acc, device=student_hidden.device)
     lse_s, lse_t = torch.empty_like(kl), torch.empty_like(kl)
-    step = token_chunk_size(sw.shape[0])
-    for i in range(0, n, step):
-        rows = slice(i, i + step)
+    for rows in token_chunks(n, sw.shape[0]):
         log_ps = chunk_logits(student_hidden[rows], sw, inv_temperature)
         lse_s[rows] = log_softmax_(log_ps)
         log_pt = chunk_logits(teacher_hidden[rows], tw, inv_temperature)
@@ -63,27 +62,16 @@ def _torch_bwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Chunked torch backward: recompute both logits blocks, then
     ``dz = g * p_s * (log p_s - log p_t - KL) / T`` and two matmuls."""
-    n, h = student_hidden.shape
     acc = acc_dtype(student_hidden.dtype)
-    sw, tw = student_weight.to(acc), teacher_weight.to(acc)
+    tw = teacher_weight.to(acc)
     g = grad_kl.to(acc) * inv_temperature
-    gh = torch.empty((n, h), dtype=acc, device=student_hidden.device) if need_hidden else None
-    gw = torch.zeros((sw.shape[0], h), dtype=acc, device=student_hidden.device) if need_weight else None
-    step = token_chunk_size(sw.shape[0])
-    for i in range(0, n, step):
-        rows = slice(i, i + step)
-        h_c = student_hidden[rows].to(acc)
+
+    def chunk_dz(rows: slice, h_c: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
         log_ps = chunk_logits(h_c, sw, inv_temperature).sub_(lse_s[rows, None])
         dz = chunk_logits(teacher_hidden[rows], tw, inv_temperature).sub_(lse_t[rows, None])
-        dz.neg_().add_(log_ps).sub_(kl[rows, None]).mul_(log_ps.exp_()).mul_(g[rows, None])
-        if gh is not None:
-            gh[rows] = dz @ sw
-        if gw is not None:
-            gw.addmm_(dz.T, h_c)
-    return (
-        gh.to(student_hidden.dtype) if gh is not None else None,
-        gw.to(student_weight.dtype) if gw is not None else None,
-    )
+        return dz.neg_().add_(log_ps).sub_(kl[rows, None]).mul_(log_ps.exp_()).mul_(g[rows, None])
+
+    return chunked_head_grads(student_hidden, student_weight, need_hidden, need_weight, chunk_dz)
 
 
 def _forward(

@@ -12,6 +12,7 @@ Float64 inputs always take the torch path (the kernels accumulate in fp32); it i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -25,6 +26,12 @@ _CHUNK_ELEMENTS = 1 << 25  # elements of one [chunk, V] logits block on the torc
 def token_chunk_size(vocab_size: int) -> int:
     """Tokens per chunk on the torch path, so a ``[chunk, vocab_size]`` block holds about ``2**25`` values."""
     return max(1, _CHUNK_ELEMENTS // vocab_size)
+
+
+def token_chunks(n: int, vocab_size: int) -> Iterator[slice]:
+    """Row slices of ``token_chunk_size(vocab_size)`` tokens covering ``range(n)``."""
+    step = token_chunk_size(vocab_size)
+    return (slice(i, i + step) for i in range(0, n, step))
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -90,15 +97,50 @@ def _torch_fwd(
     logp = torch.empty(n, dtype=acc, device=hidden.device)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp) if entropy else None
-    step = token_chunk_size(weight.shape[0])
-    for i in range(0, n, step):
-        rows = slice(i, i + step)
+    for rows in token_chunks(n, weight.shape[0]):
         z = chunk_logits(hidden[rows], w, inv_temperature)
         lse[rows] = log_softmax_(z)  # z now holds the chunk's log-probs
         logp[rows] = z.gather(1, idx[rows, None]).squeeze(1)
         if ent is not None:
             ent[rows] = -z.exp().mul_(z).sum(dim=-1)
     return logp, lse, ent
+
+
+def chunked_head_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    need_hidden: bool,
+    need_weight: bool,
+    chunk_dz: Callable[[slice, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Backward through ``z = hidden @ weight.T``, one ``[chunk, V]`` block of ``dz`` at a time.
+
+    Args:
+        hidden: ``[N, H]`` float; weight: ``[V, H]`` same dtype (upcast once to the accumulation dtype).
+        need_hidden / need_weight: which gradients to compute.
+        chunk_dz: ``chunk_dz(rows, hidden_acc, weight_acc)`` returns ``dL/dz`` ``[C, V]`` (the ``1 / T`` factor
+            included) for the token slice ``rows``, given ``hidden[rows]`` ``[C, H]`` and ``weight`` ``[V, H]``
+            in the accumulation dtype.
+
+    Returns:
+        ``(grad_hidden [N, H], grad_weight [V, H])`` in the input dtype, None where not needed.
+    """
+    n, h = hidden.shape
+    acc = acc_dtype(hidden.dtype)
+    w = weight.to(acc)
+    gh = torch.empty((n, h), dtype=acc, device=hidden.device) if need_hidden else None
+    gw = torch.zeros((weight.shape[0], h), dtype=acc, device=hidden.device) if need_weight else None
+    for rows in token_chunks(n, weight.shape[0]):
+        h_c = hidden[rows].to(acc)
+        dz = chunk_dz(rows, h_c, w)
+        if gh is not None:
+            gh[rows] = dz @ w
+        if gw is not None:
+            gw.addmm_(dz.T, h_c)
+    return (
+        gh.to(hidden.dtype) if gh is not None else None,
+        gw.to(weight.dtype) if gw is not None else None,
+    )
 
 
 def _torch_bwd(
@@ -112,27 +154,14 @@ def _torch_bwd(
     need_weight: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Chunked torch backward: recompute each logits block, ``dz = g * (onehot - p) / T``, two matmuls."""
-    n, h = hidden.shape
-    acc = acc_dtype(hidden.dtype)
-    w = weight.to(acc)
     idx = targets.long()
-    g = grad_logp.to(acc) * inv_temperature
-    gh = torch.empty((n, h), dtype=acc, device=hidden.device) if need_hidden else None
-    gw = torch.zeros((weight.shape[0], h), dtype=acc, device=hidden.device) if need_weight else None
-    step = token_chunk_size(weight.shape[0])
-    for i in range(0, n, step):
-        rows = slice(i, i + step)
-        h_c = hidden[rows].to(acc)
+    g = grad_logp.to(acc_dtype(hidden.dtype)) * inv_temperature
+
+    def chunk_dz(rows: slice, h_c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         dz = chunk_logits(h_c, w, inv_temperature).sub_(lse[rows, None]).exp_()  # p
-        dz.mul_(-g[rows, None]).scatter_add_(1, idx[rows, None], g[rows, None])
-        if gh is not None:
-            gh[rows] = dz @ w
-        if gw is not None:
-            gw.addmm_(dz.T, h_c)
-    return (
-        gh.to(hidden.dtype) if gh is not None else None,
-        gw.to(weight.dtype) if gw is not None else None,
-    )
+        return dz.mul_(-g[rows, None]).scatter_add_(1, idx[rows, None], g[rows, None])
+
+    return chunked_head_grads(hidden, weight, need_hidden, need_weight, chunk_dz)
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
