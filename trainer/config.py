@@ -55,7 +55,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["hf"] = "hf"
+    engine: Literal["hf", "vllm"] = "hf"  # vllm: an in-process vLLM engine, weights updated in place each step
     n: int = 16  # responses per prompt
     temperature: float = 1.0
     top_p: float = 1.0

@@ -23,7 +23,7 @@ from sodkern.trainer.chat import ChatFormat
 from sodkern.trainer.config import Config, LossConfig
 from sodkern.trainer.data import Problem
 from sodkern.trainer.packing import MicroBatch, make_micro_batch, pack, pad_to_common_count
-from sodkern.trainer.parallel import CausalLM, Dist, copy_weights, load_causal_lm, shard
+from sodkern.trainer.parallel import CausalLM, Dist, copy_weights, full_tensor, load_causal_lm, shard
 from sodkern.trainer.sandbox import CodeInterpreter, LocalSandbox
 from transformers import AutoModelForCausalLM
 
@@ -48,6 +48,14 @@ def answer_text(problem: Problem) -> str:
         tests = [{"input": i, "output": o} for i, o in zip(gt.get("inputs", [])[:2], gt.get("outputs", [])[:2])]
         return f"a program that passes these tests: {json.dumps(tests)}"
     return str(gt)
+
+
+def _gap_sums(g: torch.Tensor) -> tuple[float, float, int, float]:
+    """Sum and max of ``|g|``, count, and the sum of the k3 KL estimate ``r - 1 - log r`` with ``log r = g``."""
+    if g.numel() == 0:
+        return 0.0, 0.0, 0, 0.0
+    c = g.clamp(-20, 20)
+    return float(g.abs().sum()), float(g.abs().max()), g.numel(), float((c.exp() - 1 - c).sum())
 
 
 def teacher_messages(problem: Problem, cfg: Config) -> list[dict]:
@@ -82,9 +90,18 @@ class RLWorker:
 
     def __init__(self, cfg: Config, d: Dist, model: CausalLM, chat: ChatFormat, dtype: torch.dtype) -> None:
         self.cfg, self.d, self.model, self.chat = cfg, d, model, chat
-        self.engine_model = AutoModelForCausalLM.from_pretrained(cfg.student.path, dtype=dtype).to(d.device).eval()
-        pad = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else chat.stop_token_ids[0]
-        self.engine = ro.HFEngine(self.engine_model, pad_token_id=pad)
+        r = cfg.rollout
+        self.engine_model: torch.nn.Module | None = None
+        if r.engine == "vllm":  # weights are pushed into the engine in place before every rollout
+            from sodkern.trainer.vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine(
+                cfg.student.path, max_model_len=r.max_prompt_tokens + r.max_response_tokens, seed=cfg.seed + d.rank
+            )
+        else:
+            self.engine_model = AutoModelForCausalLM.from_pretrained(cfg.student.path, dtype=dtype).to(d.device).eval()
+            pad = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else chat.stop_token_ids[0]
+            self.engine = ro.HFEngine(self.engine_model, pad_token_id=pad)
         self.sandbox = LocalSandbox(timeout=cfg.rollout.tool_timeout_s)
         self.tool = CodeInterpreter(self.sandbox)
         r = cfg.rollout
@@ -123,7 +140,10 @@ class RLWorker:
         both for all ranks (metrics identical on every rank, records complete on rank 0)."""
         cfg, dev = self.cfg, self.d.device
         t0 = time.perf_counter()
-        copy_weights(self.model, self.engine_model)
+        if self.engine_model is None:  # vLLM: stream the gathered FSDP2 shards into the engine, one at a time
+            self.engine.update_weights((n, full_tensor(v)) for n, v in self.model.model.state_dict().items())
+        else:
+            copy_weights(self.model, self.engine_model)
         trajs = ro.rollout(problems, self.engine, self.chat, self.tool, self.rollout_config)
         t1 = time.perf_counter()
         ro.score_trajectories(
@@ -140,6 +160,8 @@ class RLWorker:
             tseqs = [torch.tensor(prompts[t.uid] + t.response_ids) for t in trajs]
             tmasks = [torch.tensor([0] * len(prompts[t.uid]) + t.response_mask, dtype=torch.bool) for t in trajs]
         old = self.logprobs(self.model, seqs, masks)
+        gaps = [o.cpu().double() - torch.tensor(t.logprobs, dtype=torch.float64)[torch.tensor(t.response_mask) == 1]
+                for o, t in zip(old, trajs)]  # fmt: skip
         tau = None
         if self.teacher is not None and cfg.loss.distill == "logprob":
             tau = self.logprobs(self.teacher, tseqs, tmasks)
@@ -152,6 +174,7 @@ class RLWorker:
             {"uid": t.uid, "sample": t.sample_index, "reward": t.reward.score, "correct": t.reward.correct,
              "num_tool_calls": t.num_tool_calls, "num_turns": t.num_turns, "finish_reason": t.finish_reason,
              "response_length": len(t.response_ids), "tokens": len(t.prompt_ids) + len(t.response_ids),
+             "gap": _gap_sums(gaps[i]),
              "steps": [{"k": k, "d": dk, "w": wk, "tokens": b - a, "span": [a, b]}
                        for k, ((a, b), (dk, wk)) in enumerate(zip(t.spans, steps[i]), start=1)]}
             for i, t in enumerate(trajs)
@@ -176,6 +199,12 @@ class RLWorker:
                 "tokens": float(sum(r.pop("tokens") for r in rows)),
             }
         )
+        # the usual engine-vs-trainer gap: rollout log-probs against the recomputed old log-probs
+        gaps = [r.pop("gap") for r in rows]
+        n_gap = max(sum(g[2] for g in gaps), 1)
+        metrics["rollout/logprob_diff_abs_mean"] = sum(g[0] for g in gaps) / n_gap
+        metrics["rollout/logprob_diff_abs_max"] = max(g[1] for g in gaps)
+        metrics["rollout/kl_k3"] = sum(g[3] for g in gaps) / n_gap
         metrics["rollout/tokens_per_s"] = sum(r["response_length"] for r in rows) / max(t1 - t0, 1e-9)
         if step_values:
             metrics["mean_d"] = sum(s["d"] for s in step_values) / len(step_values)
