@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,30 @@ def test_server_engine_rollouts_and_weight_push(server, hf, model_dir):
     finally:  # the server's weights back to the checkpoint's, for the other tests
         engine.update_weights(hf.named_parameters())
     check(hf, engine.generate(prompts, SamplingParams(temperature=0.7, max_tokens=20, stop_token_ids=stops)), 0.7)
+
+
+def test_sod_training_with_a_remote_teacher(server, model_dir, tmp_path):
+    """``teacher.server=URL``: the trainer takes the teacher log-probs from the vLLM server (no local teacher)."""
+    import json
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "tiny_reward.py").write_text(
+        "def reward(problem, response_text, sandbox=None):\n    return 1.0 if len(response_text) % 2 else -1.0\n"
+    )
+    out = tmp_path / "run"
+    args = [
+        "--config", str(repo / "configs" / "tiny_rl.yaml"), "algorithm=sod", f"output_dir={out}",
+        f"student.path={model_dir}", f"teacher.server={server}", "rollout.reward_fn=tiny_reward:reward",
+        f"data.train_files=[{repo / 'tests' / 'fixtures' / 'verl_mixed.jsonl'}]", "train.steps=2",
+        "checkpoint.every=0", "checkpoint.export_hf=false",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("SODKERN_BACKEND", None)
+    cmd = [sys.executable, "-m", "sodkern.trainer.cli", "train", *args]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(math.isfinite(m["loss"]) and m["skipped"] == 0 for m in metrics)
+    # the served teacher is the student's initial model: at step 1 the OPD signal tau - s is ~0, so d ~ 0
+    assert metrics[0]["mean_d"] < 1e-3

@@ -35,6 +35,7 @@ class StudentConfig:
 class TeacherConfig:
     path: str = ""  # local HF folder of the teacher (opd, sod); opsd_* use the student itself
     offload: bool = False  # keep the teacher's parameters on CPU between uses (GPU only)
+    server: str = ""  # URL of a vLLM server serving the teacher (prompt log-probs); replaces path for opd/sod
     # opsd_*: what is added to the last user message of the teacher's prompt
     gt_template: str = (
         "\n\nThe reference answer is: {answer}\nReason as if you had found it yourself and give the same answer."
@@ -143,8 +144,14 @@ class Config:
             raise ValueError("output_dir is empty: set it to the run folder (output_dir=...)")
         if not self.data.train_files:
             raise ValueError("data.train_files is empty: give the parquet/JSONL files (data.train_files=[...])")
-        if self.algorithm in ("opd", "sod") and not self.teacher.path:
-            raise ValueError(f"algorithm {self.algorithm} needs teacher.path (a local HF model folder)")
+        if self.algorithm in ("opd", "sod") and not (self.teacher.path or self.teacher.server):
+            raise ValueError(
+                f"algorithm {self.algorithm} needs teacher.path (a local HF model folder) or teacher.server (a URL)"
+            )
+        if self.teacher.server and self.loss.distill == "full_kl":
+            raise ValueError(
+                "loss.distill=full_kl needs the teacher's hidden states: use teacher.path, not teacher.server"
+            )
         if self.loss.distill == "full_kl" and self.algorithm in ("sft", "grpo"):
             raise ValueError(f"loss.distill=full_kl needs a teacher term; algorithm {self.algorithm} has none")
         d = self.data

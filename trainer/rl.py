@@ -110,7 +110,12 @@ class RLWorker:
             top_p=r.top_p, progress=False,
         )  # fmt: skip
         self.teacher: CausalLM | None = None
-        if cfg.algorithm in ("opd", "sod"):
+        self.remote_teacher = None
+        if cfg.algorithm in ("opd", "sod") and cfg.teacher.server:
+            from sodkern.trainer.vllm_server import RemoteTeacher
+
+            self.remote_teacher = RemoteTeacher(cfg.teacher.server)
+        elif cfg.algorithm in ("opd", "sod"):
             t = load_causal_lm(cfg.teacher.path, device=d.device, dtype=dtype, liger=cfg.student.liger,
                                attn_implementation=cfg.student.attn_implementation)  # fmt: skip
             if t.config.vocab_size != model.model.config.vocab_size:
@@ -163,7 +168,10 @@ class RLWorker:
         gaps = [o.cpu().double() - torch.tensor(t.logprobs, dtype=torch.float64)[torch.tensor(t.response_mask) == 1]
                 for o, t in zip(old, trajs)]  # fmt: skip
         tau = None
-        if self.teacher is not None and cfg.loss.distill == "logprob":
+        if self.remote_teacher is not None:  # log p(token_t | prefix) per position from the server
+            lps = self.remote_teacher.logprobs([s.tolist() for s in tseqs])
+            tau = [lp[m].float().to(dev) for lp, m in zip(lps, tmasks)]
+        elif self.teacher is not None and cfg.loss.distill == "logprob":
             tau = self.logprobs(self.teacher, tseqs, tmasks)
         adv = grpo_advantages(torch.tensor([t.reward.score for t in trajs]), [t.uid for t in trajs]).to(dev)
         t2 = time.perf_counter()
