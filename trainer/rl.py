@@ -96,8 +96,12 @@ class RLWorker:
             from sodkern.trainer.vllm_engine import VLLMEngine
 
             self.engine = VLLMEngine(
-                cfg.student.path, max_model_len=r.max_prompt_tokens + r.max_response_tokens, seed=cfg.seed + d.rank
+                cfg.student.path,
+                max_model_len=r.max_prompt_tokens + r.max_response_tokens,
+                seed=cfg.seed + d.rank,
+                enable_sleep_mode=d.device.type == "cuda",  # colocated: memory released during the update
             )
+            self.engine.sleep()
         else:
             self.engine_model = AutoModelForCausalLM.from_pretrained(cfg.student.path, dtype=dtype).to(d.device).eval()
             pad = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else chat.stop_token_ids[0]
@@ -146,10 +150,14 @@ class RLWorker:
         cfg, dev = self.cfg, self.d.device
         t0 = time.perf_counter()
         if self.engine_model is None:  # vLLM: stream the gathered FSDP2 shards into the engine, one at a time
+            self.engine.wake_up(["weights"])
             self.engine.update_weights((n, full_tensor(v)) for n, v in self.model.model.state_dict().items())
+            self.engine.wake_up(["kv_cache"])
         else:
             copy_weights(self.model, self.engine_model)
         trajs = ro.rollout(problems, self.engine, self.chat, self.tool, self.rollout_config)
+        if self.engine_model is None:
+            self.engine.sleep()  # give the accelerator memory back to scoring and the update
         t1 = time.perf_counter()
         ro.score_trajectories(
             trajs, problems, max_response_tokens=cfg.rollout.max_response_tokens, sandbox=self.sandbox,
