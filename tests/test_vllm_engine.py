@@ -77,7 +77,7 @@ def tool_caller(tok, chat, script):
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def engine(tmp_path_factory, tool_caller):  # taught first: on CPU the engine cuts torch to one thread
     path = save_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")

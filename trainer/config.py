@@ -148,6 +148,11 @@ class Config:
             raise ValueError(
                 f"algorithm {self.algorithm} needs teacher.path (a local HF model folder) or teacher.server (a URL)"
             )
+        if self.teacher.server and self.rollout.temperature != 1.0:
+            raise ValueError(
+                "teacher.server returns temperature-1 prompt log-probs: it needs rollout.temperature=1.0, "
+                f"got {self.rollout.temperature}"
+            )
         if self.teacher.server and self.loss.distill == "full_kl":
             raise ValueError(
                 "loss.distill=full_kl needs the teacher's hidden states: use teacher.path, not teacher.server"

@@ -99,6 +99,7 @@ class RLWorker:
                 cfg.student.path,
                 max_model_len=r.max_prompt_tokens + r.max_response_tokens,
                 seed=cfg.seed + d.rank,
+                dtype=str(dtype).removeprefix("torch."),  # the trainer's compute dtype, so the log-probs agree
                 enable_sleep_mode=d.device.type == "cuda",  # colocated: memory released during the update
             )
             self.engine.sleep()
