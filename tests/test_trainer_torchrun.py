@@ -80,7 +80,8 @@ def descendants(pid: int) -> list[int]:
 
 
 def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in rows if r["step"] > 0}  # step 0: the evaluation before training
 
 
 def check_run(run: Path, setup: dict, steps: int, rl: bool) -> None:
@@ -90,7 +91,7 @@ def check_run(run: Path, setup: dict, steps: int, rl: bool) -> None:
     loss = losses(run)
     assert sorted(loss) == list(range(1, steps + 1))
     assert all(math.isfinite(v) for v in loss.values()), loss
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if m["step"] > 0]
     assert all(m["skipped"] == 0 for m in metrics)
     assert (run / "config.yaml").exists()
     ckpts = sorted((run / "checkpoints").glob("step_*"))
@@ -113,10 +114,29 @@ def check_run(run: Path, setup: dict, steps: int, rl: bool) -> None:
     assert all(torch.isfinite(p).all() for p in exported.parameters())
 
 
+def check_validation(run: Path, metrics: list[dict]) -> None:
+    """eval.every=1 + before_train over 2 ranks: val metrics at steps 0, 1, 2 over all problems, equal to what
+    the samples in val_samples.jsonl say."""
+    problems = [json.loads(line) for line in (FIXTURES / "verl_mixed.jsonl").read_text().splitlines()]
+    sources = {p["data_source"] for p in problems}
+    samples = [json.loads(line) for line in (run / "val_samples.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val/average@2" in m] == [0, 1, 2]
+    for m in (m for m in metrics if "val/average@2" in m):
+        at_step = [s for s in samples if s["step"] == m["step"]]
+        assert len(at_step) == 2 * len(problems)  # both ranks' shares, 2 samples each
+        assert m["val/average@2"] == pytest.approx(sum(s["correct"] for s in at_step) / len(at_step))
+        assert 0 <= m["val/average@2"] <= m["val/pass@2"] <= 1 and m["time/eval"] > 0
+        if len(sources) > 1:
+            assert all(f"val/{src}/average@2" in m for src in sources)
+
+
 @pytest.mark.parametrize(
     "algorithm, extra",
     [
-        ("grpo", []),
+        (
+            "grpo",
+            [f"eval.files=[{FIXTURES / 'verl_mixed.jsonl'}]", "eval.every=1", "eval.before_train=true", "eval.n=2"],
+        ),  # held-out evaluation on both ranks
         ("opd", ["student.activation_checkpointing=true"]),
         ("opsd_gt", ["loss.distill=full_kl"]),  # dense variant, teacher = the student with the answer
         ("opsd_hint", []),
@@ -127,6 +147,9 @@ def test_rl_algorithm_trains(setup, tmp_path, algorithm, extra):
     run_ok(rl_args(algorithm, run, setup, *extra), setup)
     check_run(run, setup, steps=2, rl=True)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    if any(a.startswith("eval.files") for a in extra):
+        check_validation(run, metrics)
+        metrics = [m for m in metrics if m["step"] > 0]
     records = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
     if algorithm == "grpo":  # no teacher term: no weights, no divergences
         assert all(m["mean_token_weight"] == 0 for m in metrics)

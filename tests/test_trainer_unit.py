@@ -65,6 +65,13 @@ def test_config_yaml_overrides_and_errors(tmp_path):
     bad.teacher.path = "t"
     with pytest.raises(ValueError, match="data.batch_size=64 must be a positive multiple of the world size 3"):
         bad.validate(world_size=3)
+    bad.validate()
+    bad.eval.n = 0
+    with pytest.raises(ValueError, match="eval.n must be >= 1"):
+        bad.validate()
+    bad.eval.n, bad.eval.files, bad.algorithm = 4, ["heldout.parquet"], "sft"
+    with pytest.raises(ValueError, match="eval.files: held-out evaluation runs with the RL rollout engine"):
+        bad.validate()
 
 
 # ------------------------------------------------------------------------------------------ packing

@@ -71,6 +71,16 @@ class RolloutConfig:
 
 
 @dataclass
+class EvalConfig:
+    files: list[str] = field(default_factory=list)  # held-out problems evaluated during RL (verl's val_files)
+    every: int = 0  # steps between evaluations; 0 = only after the last step (when files are given)
+    before_train: bool = False  # evaluate the starting student too, logged as step 0
+    n: int = 32  # samples per problem: val/average@n, val/pass@n, val/maj@n
+    temperature: float = 1.0
+    top_p: float = 0.6  # the recipe's evaluation sampling (SOD.md §3)
+
+
+@dataclass
 class LossConfig:
     eps: float = 1e-6
     delta: float = 0.2
@@ -125,6 +135,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -174,6 +185,10 @@ class Config:
         ):
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
+        if self.eval.files and self.algorithm == "sft":
+            raise ValueError("eval.files: held-out evaluation runs with the RL rollout engine; algorithm sft has none")
+        if self.eval.n < 1 or self.eval.every < 0:
+            raise ValueError(f"eval.n must be >= 1 and eval.every >= 0, got {self.eval.n} and {self.eval.every}")
         if self.checkpoint.every < 0 or self.checkpoint.keep < 1:
             raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
 

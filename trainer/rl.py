@@ -143,6 +143,20 @@ class RLWorker:
             print(f"[sodkern] dropped {len(problems) - len(keep)} prompts over rollout.max_prompt_tokens")
         return keep
 
+    def sync_engine(self) -> None:
+        """Give the rollout engine the student's current weights (and, for vLLM, its memory back)."""
+        if self.engine_model is None:  # vLLM: stream the gathered FSDP2 shards into the engine, one at a time
+            self.engine.wake_up(["weights"])
+            self.engine.update_weights((n, full_tensor(v)) for n, v in self.model.model.state_dict().items())
+            self.engine.wake_up(["kv_cache"])
+        else:
+            copy_weights(self.model, self.engine_model)
+
+    def release_engine(self) -> None:
+        """After sampling: a vLLM engine sleeps, giving the accelerator memory back to scoring and the update."""
+        if self.engine_model is None:
+            self.engine.sleep()
+
     # ------------------------------------------------------------------------------------------ the step
 
     def step(self, problems: list[Problem], optimizer_step: Callable) -> tuple[dict[str, float], list[dict]]:
@@ -150,15 +164,9 @@ class RLWorker:
         both for all ranks (metrics identical on every rank, records complete on rank 0)."""
         cfg, dev = self.cfg, self.d.device
         t0 = time.perf_counter()
-        if self.engine_model is None:  # vLLM: stream the gathered FSDP2 shards into the engine, one at a time
-            self.engine.wake_up(["weights"])
-            self.engine.update_weights((n, full_tensor(v)) for n, v in self.model.model.state_dict().items())
-            self.engine.wake_up(["kv_cache"])
-        else:
-            copy_weights(self.model, self.engine_model)
+        self.sync_engine()
         trajs = ro.rollout(problems, self.engine, self.chat, self.tool, self.rollout_config)
-        if self.engine_model is None:
-            self.engine.sleep()  # give the accelerator memory back to scoring and the update
+        self.release_engine()
         t1 = time.perf_counter()
         ro.score_trajectories(
             trajs, problems, max_response_tokens=cfg.rollout.max_response_tokens, sandbox=self.sandbox,

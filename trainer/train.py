@@ -32,6 +32,7 @@ from sodkern.trainer.packing import pack, pad_to_common_count
 from sodkern.trainer.parallel import CausalLM, Dist, compute_dtype, init_distributed, load_causal_lm, shard
 from sodkern.trainer.rl import RLWorker
 from sodkern.trainer.sft import render_sft, sft_loss
+from sodkern.trainer.validation import VAL_SAMPLES_FILE, evaluate_student
 from transformers import AutoTokenizer
 
 
@@ -117,6 +118,9 @@ class Trainer:
             items = [p for f in files for p in load_problems(f, skip_bad_rows=cfg.data.skip_bad_rows)]
             self.rl = RLWorker(cfg, d, self.model, self.chat, dtype)
             items = self.rl.filter_prompts(items)
+        self.eval_problems = [p for f in cfg.eval.files for p in load_problems(f, skip_bad_rows=cfg.data.skip_bad_rows)]
+        if self.eval_problems:
+            self.eval_problems = self.rl.filter_prompts(self.eval_problems)
         self.loader = BatchLoader(items, cfg.data.batch_size, d, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.nonfinite_in_row = 0
         self.step = 0
@@ -125,6 +129,8 @@ class Trainer:
 
     def fit(self, logger: MetricsLogger) -> None:
         cfg = self.cfg
+        if self.eval_problems and cfg.eval.before_train and self.step == 0:
+            logger.log(0, evaluate_student(self.rl, self.eval_problems, 0, self.run_dir))
         for step in range(self.step + 1, cfg.train.steps + 1):
             started = time.perf_counter()
             if cfg.algorithm == "sft":
@@ -136,6 +142,8 @@ class Trainer:
             metrics["memory/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             if torch.cuda.is_available():
                 metrics["memory/peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            if self.eval_problems and (step == cfg.train.steps or (cfg.eval.every and step % cfg.eval.every == 0)):
+                metrics.update(evaluate_student(self.rl, self.eval_problems, step, self.run_dir))
             logger.log(step, metrics)
             if cfg.log.step_log:
                 logger.log_steps([{"step": step, **r} for r in records])
@@ -214,7 +222,7 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         self.step, self.nonfinite_in_row = state["step"], state["nonfinite_in_row"]
         if self.d.is_main:
-            for name in (METRICS_FILE, STEPS_FILE):  # the steps after the checkpoint run again
+            for name in (METRICS_FILE, STEPS_FILE, VAL_SAMPLES_FILE):  # the steps after the checkpoint run again
                 truncate_after(self.run_dir / name, self.step)
             print(f"[sodkern] resumed from {path} (step {self.step})", file=sys.stderr, flush=True)
 
