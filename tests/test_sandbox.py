@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -109,6 +110,9 @@ def test_prepare_code():
     assert prepare_code("x = 1\nprint(x)") == "x = 1\nprint(x)"
     assert prepare_code("for i in range(3):\n    i") == "for i in range(3):\n    i"  # not top level
     assert prepare_code("def f(:") == "def f(:"  # left to the interpreter to report
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model's "print(1if 2 else 3)" must not warn in the trainer's output
+        assert prepare_code("x = 1if 2 else 3") == "x = 1if 2 else 3"
     out = prepare_code("a = 'é'; a  # comment\n# trailing\n")
     assert out == "a = 'é'; _ = (a)  # comment\n# trailing\n\nif _ is not None:\n    print(repr(_))\n"
     out = prepare_code("import math\nmath.gcd(\n    12,\n    18)")

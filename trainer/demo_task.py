@@ -1,33 +1,77 @@
-"""The demo's synthetic tool-integrated reasoning task: chained arithmetic that needs the code interpreter.
+"""The demo's synthetic tool-integrated reasoning task: an iterated map that needs the code interpreter.
 
-A problem is ``Compute 37*48+519-206.``: a product of two 2-digit numbers followed by one to three additions
-or subtractions of 3-digit numbers. A model of demo size cannot multiply in its head, but it can copy
-numbers into code, so the scripted solution does one operation per tool call and carries each printed
-result into the next call::
+A problem is ``Start at 37 and apply x*4+13 three times.``: a 2-digit start value and a map ``x*m+c`` or
+``x*m-c`` (m from 2 to 5, c 2-digit) applied two to four times. A model of demo size cannot multiply
+several-digit numbers in its head, but it can copy numbers into code, so the scripted solution does one
+application per tool call and carries each printed result into the next call::
 
-    assistant: <tool_call>{"name": "code_interpreter", "arguments": {"code": "print(37*48)"}}</tool_call>
-    tool:      1776
-    assistant: <tool_call>{... "print(1776+519)"}</tool_call>
-    tool:      2295
-    assistant: <tool_call>{... "print(2295-206)"}</tool_call>
-    tool:      2089
-    assistant: The answer is \\boxed{2089}.
+    assistant: <tool_call>{"name": "code_interpreter", "arguments": {"code": "print(37*4+13)"}}</tool_call>
+    tool:      <tool_response>161</tool_response>
+    assistant: <tool_call>{... "print(161*4+13)"}</tool_call>
+    tool:      <tool_response>657</tool_response>
+    assistant: <tool_call>{... "print(657*4+13)"}</tool_call>
+    tool:      <tool_response>2641</tool_response>
+    assistant: The answer is \\boxed{2641}.
 
-Each assistant turn is one SOD step. A wrong tool call (a mis-copied digit) puts a wrong number in the
-context, and every later step that carries it forward is derailed: the error-cascade SOD is about. The
-final answer is checked by the math reward (math-verify on the last ``\\boxed{}``).
+Each assistant turn is one SOD step. A wrong tool call (a mis-copied digit, a wrong count of applications)
+puts a wrong number in the context, and every later step that carries it forward is derailed: the
+error-cascade SOD is about. The final answer is checked by the math reward (math-verify on the last
+``\\boxed{}``). Every number a step needs is in the step just before it (the previous call and its output),
+which keeps the task learnable by models of a few hundred thousand parameters in a few minutes of CPU.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 from sodkern.trainer.data import Problem, SFTExample
 from sodkern.trainer.prompts import CODE_INTERPRETER_TOOL
 
 DATA_SOURCE = "demo_arith"
-SYSTEM = "Use the code_interpreter tool for each operation, one at a time. Give the final answer in \\boxed{}."
+SYSTEM = "Use the code_interpreter tool for each step, one at a time. Give the final answer in \\boxed{}."
+TIMES = {2: "twice", 3: "three times", 4: "four times"}
 SPLIT_SEEDS = {"train": 1234, "test": 98765, "sft": 555}
+
+# The demo tokenizer's chat template: the Hermes / Qwen3 layout of :data:`sodkern.trainer.tiny.CHAT_TEMPLATE`
+# (tool calls as ``<tool_call>{json}</tool_call>``, results inside ``<tool_response>`` in a user turn) with a
+# compact tool list (names only, not the JSON schemas) and no newlines around the markup, so that the
+# sequences of the demo stay short.
+CHAT_TEMPLATE = """\
+{%- set msgs = messages -%}
+{%- set system = none -%}
+{%- if messages and messages[0].role == 'system' -%}
+  {%- set system = messages[0].content -%}
+  {%- set msgs = messages[1:] -%}
+{%- endif -%}
+{%- if system is not none or tools -%}
+  {{- '<|im_start|>system\\n' + (system or '') -}}
+  {%- if tools -%}
+    {{- '\\nTools:' -}}
+    {%- for tool in tools -%}{{- ' ' + (tool.function.name if tool.function is defined else tool.name) -}}{%- endfor -%}
+  {%- endif -%}
+  {{- '<|im_end|>\\n' -}}
+{%- endif -%}
+{%- for m in msgs -%}
+  {%- if m.role == 'tool' -%}
+    {%- if loop.first or msgs[loop.index0 - 1].role != 'tool' -%}{{- '<|im_start|>user\\n' -}}{%- endif -%}
+    {{- '<tool_response>' + m.content + '</tool_response>' -}}
+    {%- if loop.last or msgs[loop.index0 + 1].role != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}
+  {%- elif m.role == 'assistant' -%}
+    {{- '<|im_start|>assistant\\n' + (m.content or '') -}}
+    {%- for call in (m.tool_calls or []) -%}
+      {%- set fn = call.function if call.function is defined else call -%}
+      {{- '<tool_call>{"name": ' + (fn.name | tojson) + ', "arguments": ' -}}
+      {%- if fn.arguments is string -%}{{- fn.arguments -}}{%- else -%}{{- fn.arguments | tojson -}}{%- endif -%}
+      {{- '}</tool_call>' -}}
+    {%- endfor -%}
+    {{- '<|im_end|>\\n' -}}
+  {%- else -%}
+    {{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}
+"""
 
 
 def make_problems(n: int, split: str = "train", *, seed: int | None = None) -> list[Problem]:
@@ -38,7 +82,9 @@ def make_problems(n: int, split: str = "train", *, seed: int | None = None) -> l
     rng = random.Random(SPLIT_SEEDS[split] if seed is None else seed)
     seen: set[str] = set()
     if split == "test":
-        seen = {p.extra_info["question"] for s in ("train", "sft") for p in _generate(random.Random(SPLIT_SEEDS[s]), 4096)}
+        seen = {
+            p.extra_info["question"] for s in ("train", "sft") for p in _generate(random.Random(SPLIT_SEEDS[s]), 4096)
+        }
     out: list[Problem] = []
     for p in _generate(rng, 100 * n + 1000):
         if p.extra_info["question"] in seen:
@@ -50,26 +96,43 @@ def make_problems(n: int, split: str = "train", *, seed: int | None = None) -> l
     return out
 
 
-def _generate(rng: random.Random, n: int) -> list[Problem]:
-    problems = []
+def apply_map(x: int, m: int, op: str, c: int) -> int:
+    """One application of the problem's map: ``x*m+c`` or ``x*m-c``."""
+    return x * m + c if op == "+" else x * m - c
+
+
+def _generate(rng: random.Random, n: int) -> Iterator[Problem]:
     for i in range(n):
-        a, b = rng.randint(11, 99), rng.randint(11, 99)
-        ops = [(rng.choice("+-"), rng.randint(100, 999)) for _ in range(rng.randint(1, 3))]
-        question = f"Compute {a}*{b}" + "".join(f"{op}{x}" for op, x in ops) + "."
-        value = a * b
-        for op, x in ops:
-            value = value + x if op == "+" else value - x
-        problems.append(
-            Problem(
-                uid=f"{DATA_SOURCE}/{i}",
-                data_source=DATA_SOURCE,
-                ability="math",
-                messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
-                ground_truth=str(value),
-                extra_info={"question": question, "a": a, "b": b, "ops": ops},
-            )
+        start, m, op, c, times = (
+            rng.randint(11, 99),
+            rng.randint(2, 5),
+            rng.choice("+-"),
+            rng.randint(10, 99),
+            rng.randint(2, 4),
         )
-    return problems
+        question = f"Start at {start} and apply x*{m}{op}{c} {TIMES[times]}."
+        value = start
+        for _ in range(times):
+            value = apply_map(value, m, op, c)
+        yield Problem(
+            uid=f"{DATA_SOURCE}/{i}",
+            data_source=DATA_SOURCE,
+            ability="math",
+            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+            ground_truth=str(value),
+            extra_info={"question": question, "start": start, "m": m, "op": op, "c": c, "times": times},
+        )
+
+
+def problem_row(problem: Problem) -> dict:
+    """``problem`` as a row of the verl layout (``load_problems`` reads it back with the same uid)."""
+    return {
+        "data_source": problem.data_source,
+        "prompt": problem.messages,
+        "ability": problem.ability,
+        "reward_model": {"ground_truth": problem.ground_truth, "style": "rule"},
+        "extra_info": {**problem.extra_info, "uid": problem.uid},
+    }
 
 
 def _call(code: str) -> dict:
@@ -79,11 +142,10 @@ def _call(code: str) -> dict:
 def solution_steps(problem: Problem) -> list[tuple[str, str]]:
     """The scripted solution: ``(code, printed output)`` for each tool call, in order."""
     info = problem.extra_info
-    value = info["a"] * info["b"]
-    steps = [(f"print({info['a']}*{info['b']})", str(value))]
-    for op, x in info["ops"]:
-        code = f"print({value}{op}{x})"
-        value = value + x if op == "+" else value - x
+    value, steps = info["start"], []
+    for _ in range(info["times"]):
+        code = f"print({value}*{info['m']}{info['op']}{info['c']})"
+        value = apply_map(value, info["m"], info["op"], info["c"])
         steps.append((code, str(value)))
     return steps
 
@@ -100,11 +162,14 @@ def scripted_trajectory(problem: Problem) -> SFTExample:
 
 
 def corpus(n: int = 400) -> list[str]:
-    """Text for training the demo tokenizer: questions, tool calls, outputs and answers of the task."""
+    """Text for training the demo tokenizer: ``n`` scripted conversations of the sft split, piece by piece as
+    :data:`CHAT_TEMPLATE` writes them (system prompt, role names, questions, tool calls, outputs, answers;
+    markup tokens left out), so the BPE merges follow the frequencies the models will see."""
     texts = []
     for p in make_problems(n, "sft"):
-        texts.append(SYSTEM + "\n" + p.extra_info["question"])
+        texts += ["system\n" + SYSTEM + "\nTools: code_interpreter", "user\n" + p.extra_info["question"]]
         for code, out in solution_steps(p):
-            texts.append('{"name": "code_interpreter", "arguments": {"code": "' + code + '"}}\n' + out)
-        texts.append(f"The answer is \\boxed{{{p.ground_truth}}}.")
+            texts += ["assistant\n", '{"name": "code_interpreter", "arguments": {"code": "' + code + '"}}']
+            texts += ["user\n", out]
+        texts += ["assistant\n", f"The answer is \\boxed{{{p.ground_truth}}}."]
     return texts

@@ -44,6 +44,16 @@ def classify_pattern(w: list[float], tol: float = 0.2) -> tuple[str | None, floa
     return None, 0.0
 
 
+def pattern_counts(records: list[dict], tol: float = 0.2) -> dict[str, int]:
+    """How many trajectories (with at least 2 weighted steps) show each pattern, and ``"other"``."""
+    counts = dict.fromkeys((*PATTERNS, "other"), 0)
+    for r in records:
+        w = [s["w"] for s in r.get("steps", []) if s.get("w") is not None]
+        if len(w) >= 2:
+            counts[classify_pattern(w, tol)[0] or "other"] += 1
+    return counts
+
+
 def pick_examples(records: list[dict], tol: float = 0.2) -> dict[str, dict]:
     """The most pronounced trajectory record of each pattern among the step-wise log ``records``."""
     best: dict[str, tuple[float, dict]] = {}
@@ -79,36 +89,44 @@ def plot_curves(metrics: list[dict], out: Path) -> Path:
     return out
 
 
-def plot_patterns(records: list[dict], out: Path, *, delta: float = 0.2, tol: float = 0.2) -> Path:
+def plot_patterns(records: list[dict], out: Path, *, delta: float = 0.2, tol: float = 0.2, title: str = "") -> Path:
+    """d_k (bars) above w_k (line) of the most pronounced trajectory of each pattern in ``records`` (the rows
+    of ``steps.jsonl``; a ``seed`` key, where present, is shown); a pattern that did not occur says so."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    examples = pick_examples(records, tol)
-    fig, axes = plt.subplots(2, 3, figsize=(12.6, 5.6), sharex="col", squeeze=False)
+    examples, counts = pick_examples(records, tol), pattern_counts(records, tol)
+    total = sum(counts.values())
+    fig, axes = plt.subplots(2, 3, figsize=(12.6, 5.8), sharex="col", squeeze=False)
     for col, pattern in enumerate(PATTERNS):
         top, bottom = axes[0, col], axes[1, col]
-        top.set_title(pattern, fontsize=11)
+        top.set_title(f"{pattern} ({counts[pattern]} of {total} trajectories)", fontsize=10)
         rec = examples.get(pattern)
         if rec is None:
-            top.text(0.5, 0.5, "no trajectory of this\npattern in steps.jsonl", ha="center", va="center")
+            top.text(0.5, 0.5, "no trajectory of this\npattern in the step log", ha="center", va="center")
             top.set_axis_off()
             bottom.set_axis_off()
             continue
         k = [s["k"] for s in rec["steps"]]
         top.bar(k, [s["d"] for s in rec["steps"]], color="tab:red", alpha=0.7)
         top.set_ylabel("step divergence d_k")
-        top.text(0.02, 0.95, f"{rec.get('uid', '')} #{rec.get('sample', '')}, step {rec.get('step', '')}",
+        where = (f"seed {rec['seed']}, " if "seed" in rec else "") + f"RL step {rec.get('step', '')}"
+        outcome = {True: "correct", False: "wrong"}.get(rec.get("correct"), "")
+        calls = f", {rec['num_tool_calls']} tool calls" if "num_tool_calls" in rec else ""
+        top.text(0.02, 0.97, f"{where}, {rec.get('uid', '')} #{rec.get('sample', '')}\n{outcome} answer{calls}",
                  transform=top.transAxes, fontsize=7, va="top")  # fmt: skip
         bottom.plot(k, [s["w"] for s in rec["steps"]], marker="o", color="tab:blue")
         bottom.axhline(1.0, color="grey", lw=0.8, ls="--")
         bottom.axhline(1.0 + delta, color="grey", lw=0.8, ls=":")
         bottom.set_ylim(0, 1.0 + delta + 0.1)
         bottom.set_ylabel("step weight w_k")
-        bottom.set_xlabel("step k")
+        bottom.set_xlabel("step k (assistant turn)")
         bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

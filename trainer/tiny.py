@@ -80,19 +80,35 @@ _CORPUS = [
 ]
 
 
-def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(
+    vocab_size: int = 512,
+    *,
+    corpus: list[str] | None = None,
+    split_digits: bool = False,
+    merge_across_words: bool = False,
+    chat_template: str | None = None,
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with the Qwen3 chat / tool tokens and a Hermes-style chat template.
 
-    Deterministic: the BPE merges are learned from a fixed in-code corpus. Every string round-trips through
+    Deterministic: the BPE merges are learned from a fixed corpus. Every string round-trips through
     ``decode(encode(text))`` (byte-level alphabet). ``eos_token`` is ``<|im_end|>`` (the end of a chat turn),
     ``pad_token`` is ``<|endoftext|>``.
 
     Args:
         vocab_size: size of the byte-level BPE vocabulary with the three control tokens (at least 259);
             the six markup tokens come on top.
+        corpus: the texts the merges are learned from (default: a small in-code corpus of math / code text).
+        split_digits: every digit is its own token (no merges across digits), so numbers are spelled out.
+        merge_across_words: let merges span spaces and punctuation (no GPT-2 word split), so a phrase that
+            recurs in ``corpus`` can become one token.
+        chat_template: a Jinja chat template to use instead of :data:`CHAT_TEMPLATE`.
     """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not merge_across_words)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -100,7 +116,7 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         special_tokens=SPECIAL_TOKENS,
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    tok.train_from_iterator(_CORPUS if corpus is None else corpus, trainer=trainer)
     # Markup tokens are single ids, split off before pre-tokenisation, but not special (kept by decode).
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKUP_TOKENS])
     fast = PreTrainedTokenizerFast(
@@ -111,7 +127,7 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
         model_max_length=32768,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = CHAT_TEMPLATE if chat_template is None else chat_template
     return fast
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 
 from sodkern.trainer.sandbox.fusion import SandboxFusionClient
 from sodkern.trainer.sandbox.local import LocalSandbox
@@ -32,7 +33,9 @@ def prepare_code(code: str) -> str:
             code = code.rstrip()[:-3]
     code = code.replace("\r\n", "\n").replace("\r", "\n")
     try:
-        tree = ast.parse(code)
+        with warnings.catch_warnings():  # e.g. "invalid decimal literal" for 1if: the run reports the problem
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(code)
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return code
     if not tree.body or not isinstance(tree.body[-1], ast.Expr):
