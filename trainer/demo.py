@@ -258,30 +258,19 @@ def run_training(overrides: list[str], run_dir: Path, progress, label: str, step
 
 
 def evaluate(model_dir: Path, problems: list, *, n: int, seed: int, out: Path) -> dict:
-    """Sample ``n`` responses per held-out problem (the rollout loop, the real sandbox) and summarise them
-    with :func:`sodkern.trainer.eval.summarize`; writes ``metrics.json`` and ``samples.jsonl`` to ``out``."""
-    from sodkern.trainer.chat import ChatFormat
-    from sodkern.trainer.eval import summarize
-    from sodkern.trainer.rollout import HFEngine, RolloutConfig, rollout, score_trajectories
-    from sodkern.trainer.sandbox import CodeInterpreter, LocalSandbox
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``sodkern eval``'s sampling, scoring and summary of ``n`` responses per held-out problem (the rollout
+    loop, the real sandbox); writes its ``metrics.json`` and ``samples.jsonl`` to ``out``."""
+    from sodkern.trainer.eval import sample_and_score, summarize, write_results
+    from sodkern.trainer.rollout import RolloutConfig
 
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     config = RolloutConfig(n=n, max_turns=MAX_TURNS, max_response_tokens=MAX_RESPONSE_TOKENS, temperature=1.0,
                            top_p=EVAL_TOP_P, progress=False)  # fmt: skip
-    engine = HFEngine(model, pad_token_id=tok.pad_token_id)
-    trajs = rollout(problems, engine, ChatFormat(tok), CodeInterpreter(LocalSandbox(timeout=10)), config)
-    score_trajectories(trajs, problems, max_response_tokens=MAX_RESPONSE_TOKENS)
-    metrics = summarize(problems, trajs, [n])["all"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({"model": str(model_dir), "seed": seed, **metrics}, indent=2))
-    rows = [{"uid": t.uid, "sample": t.sample_index, "correct": t.reward.correct, "extracted": t.reward.extracted,
-             "num_tool_calls": t.num_tool_calls, "finish_reason": t.finish_reason, "text": t.text}
-            for t in trajs]  # fmt: skip
-    write_jsonl(out / "samples.jsonl", rows)
-    return metrics
+    trajectories, seconds = sample_and_score(model_dir, problems, config)
+    metrics = summarize(problems, trajectories, [n])
+    write_results(out, problems, trajectories, metrics, {"model": str(model_dir), "seed": seed, "n": n,
+                                                         "top_p": EVAL_TOP_P, "rollout_seconds": seconds})  # fmt: skip
+    return metrics["all"]
 
 
 # ------------------------------------------------------------------------------------------ the demo

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from sodkern.trainer.data import Problem, load_problems
-from sodkern.trainer.rollout import Trajectory
+from sodkern.trainer.rollout import RolloutConfig, Trajectory
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -133,13 +133,70 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def sample_row(t: Trajectory, data_source: str, **extra: Any) -> dict[str, Any]:
+    """One line of ``samples.jsonl``: a scored trajectory's outcome, counts and text (``extra`` keys first)."""
+    return {
+        **extra,
+        "uid": t.uid,
+        "data_source": data_source,
+        "sample_index": t.sample_index,
+        "correct": t.reward.correct,
+        "score": t.reward.score,
+        "extracted": t.reward.extracted,
+        "num_turns": t.num_turns,
+        "num_tool_calls": t.num_tool_calls,
+        "response_tokens": len(t.response_ids),
+        "finish_reason": t.finish_reason,
+        "text": t.text,
+    }
+
+
+def sample_and_score(
+    model_path: str | Path,
+    problems: Sequence[Problem],
+    config: RolloutConfig,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 64,
+    template_kwargs: dict | None = None,
+) -> tuple[list[Trajectory], float]:
+    """Load a HF model folder, sample ``config.n`` trajectories per problem with the code interpreter and
+    score them with each problem's reward (seed torch before calling for a reproducible run).
+
+    Returns:
+        the scored trajectories (problem-major) and the seconds the sampling took.
+    """
     from sodkern.trainer.chat import ChatFormat
-    from sodkern.trainer.rollout import HFEngine, RolloutConfig, rollout, score_trajectories
+    from sodkern.trainer.rollout import HFEngine, rollout, score_trajectories
     from sodkern.trainer.sandbox import CodeInterpreter
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    chat = ChatFormat(tokenizer, template_kwargs=template_kwargs)  # the training prompts' tool schema
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engine = HFEngine(model, pad_token_id=pad, max_batch_size=batch_size)
+    started = time.perf_counter()
+    trajectories = rollout(problems, engine, chat, CodeInterpreter(), config)
+    seconds = time.perf_counter() - started
+    score_trajectories(trajectories, problems, max_response_tokens=config.max_response_tokens)
+    return trajectories, seconds
+
+
+def write_results(
+    out: Path, problems: Sequence[Problem], trajectories: Sequence[Trajectory], metrics: dict, run: dict
+) -> None:
+    """``out/metrics.json`` (``{"config": run, "metrics": metrics}``) and ``out/samples.jsonl``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"config": run, "metrics": metrics}, indent=2) + "\n")
+    sources = {p.uid: p.data_source for p in problems}
+    with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(sample_row(t, sources[t.uid]), ensure_ascii=False) + "\n" for t in trajectories)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     ks = args.k or [args.n]
     if args.n < 1 or any(not 1 <= k <= args.n for k in ks):
         raise SystemExit(f"sodkern eval: --n must be >= 1 and every --k in 1..n (n={args.n}, k={ks})")
@@ -162,12 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     repeated = [uid for uid, count in Counter(p.uid for p in problems).items() if count > 1]
     if repeated:
         raise SystemExit(f"sodkern eval: problem uids must be unique; repeated: {repeated[:5]}")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    tool = CodeInterpreter()
-    chat = ChatFormat(tokenizer, template_kwargs=template_kwargs)  # the training prompts' tool schema
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    engine = HFEngine(model, pad_token_id=pad, max_batch_size=args.batch_size)
     config = RolloutConfig(
         n=args.n,
         max_turns=args.max_turns,
@@ -177,34 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         top_k=args.top_k,
         progress=not args.no_progress,
     )
-    started = time.perf_counter()
-    trajectories = rollout(problems, engine, chat, tool, config)
-    seconds = time.perf_counter() - started
-    score_trajectories(trajectories, problems, max_response_tokens=args.max_response_tokens)
+    trajectories, seconds = sample_and_score(args.model, problems, config, device=device, dtype=dtype,
+                                             batch_size=args.batch_size, template_kwargs=template_kwargs)  # fmt: skip
     metrics = summarize(problems, trajectories, ks)
-
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     generated = sum(sum(t.response_mask) for t in trajectories)
     run = {**vars(args), "k": ks, "rollout_seconds": seconds, "generated_tokens": generated}
-    (out / "metrics.json").write_text(json.dumps({"config": run, "metrics": metrics}, indent=2) + "\n")
-    sources = {p.uid: p.data_source for p in problems}
-    with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
-        for t in trajectories:
-            row = {
-                "uid": t.uid,
-                "data_source": sources[t.uid],
-                "sample_index": t.sample_index,
-                "correct": t.reward.correct,
-                "score": t.reward.score,
-                "extracted": t.reward.extracted,
-                "num_turns": t.num_turns,
-                "num_tool_calls": t.num_tool_calls,
-                "response_tokens": len(t.response_ids),
-                "finish_reason": t.finish_reason,
-                "text": t.text,
-            }
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    out = Path(args.output_dir)
+    write_results(out, problems, trajectories, metrics, run)
     print_table(metrics, ks)
     print(f"wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")
     return 0

@@ -169,6 +169,13 @@ class RolloutConfig:
     top_k: int = -1
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_turns < 1 or self.max_response_tokens < 1:
+            raise ValueError(
+                f"RolloutConfig: n, max_turns and max_response_tokens must be >= 1, got n={self.n}, "
+                f"max_turns={self.max_turns}, max_response_tokens={self.max_response_tokens}"
+            )
+
 
 @dataclass
 class Trajectory:
@@ -247,11 +254,6 @@ def rollout(
     Returns:
         the trajectories, problem-major (``n`` consecutive samples per problem).
     """
-    if config.n < 1 or config.max_turns < 1 or config.max_response_tokens < 1:
-        raise ValueError(
-            f"config: n, max_turns and max_response_tokens must be >= 1, got n={config.n}, "
-            f"max_turns={config.max_turns}, max_response_tokens={config.max_response_tokens}"
-        )
     trajectories, chats = [], {}  # chats: id(trajectory) -> its prompt messages
     for problem in problems:
         prompt = chat.prompt_ids(problem.messages)

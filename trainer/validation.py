@@ -21,7 +21,7 @@ from pathlib import Path
 import torch.distributed as dist
 from sodkern.trainer import rollout as ro
 from sodkern.trainer.data import Problem
-from sodkern.trainer.eval import summarize
+from sodkern.trainer.eval import sample_row, summarize
 
 VAL_SAMPLES_FILE = "val_samples.jsonl"
 
@@ -61,11 +61,7 @@ def evaluate_student(worker, problems: list[Problem], step: int, run_dir: Path) 
             metrics.update({prefix + k: float(row[k]) for k in keys})
     metrics["time/eval"] = time.perf_counter() - started
     if d.is_main:
+        sources = {p.uid: p.data_source for p in problems}
         with open(run_dir / VAL_SAMPLES_FILE, "a") as f:
-            f.writelines(
-                json.dumps({"step": step, "uid": t.uid, "sample": t.sample_index, "correct": t.reward.correct,
-                            "extracted": t.reward.extracted, "num_tool_calls": t.num_tool_calls,
-                            "finish_reason": t.finish_reason, "text": t.text}) + "\n"
-                for t in trajs
-            )  # fmt: skip
+            f.writelines(json.dumps(sample_row(t, sources[t.uid], step=step)) + "\n" for t in trajs)
     return metrics

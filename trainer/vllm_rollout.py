@@ -50,11 +50,6 @@ def rollout_async(
     Returns:
         the trajectories, problem-major (``n`` consecutive samples per problem).
     """
-    if config.n < 1 or config.max_turns < 1 or config.max_response_tokens < 1:
-        raise ValueError(
-            f"config: n, max_turns and max_response_tokens must be >= 1, got n={config.n}, "
-            f"max_turns={config.max_turns}, max_response_tokens={config.max_response_tokens}"
-        )
     from vllm.inputs import TokensPrompt
 
     budget = config.max_response_tokens
