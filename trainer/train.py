@@ -14,6 +14,7 @@ checkpoints in :mod:`.checkpoint`, logs in :mod:`.metrics`, the RL scoring and u
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import resource
 import sys
@@ -262,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             trainer.fit(logger)
         finally:
             logger.close()
+        # Tear down in step: free the sharded model (its tensors hold the process group) while the interpreter
+        # is fully alive, and let every rank finish before any destroys its group (a rank exiting on its own
+        # left gloo threads to interpreter finalization, which aborted a CPU run about once in 15).
+        del trainer
+        gc.collect()
+        dist.barrier()
     finally:
         if own_group:
             dist.destroy_process_group()
