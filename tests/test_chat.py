@@ -1,9 +1,10 @@
 """Tool-call parsing and the chat format: prompt ids, stop ids, observation ids that match a re-render."""
 
 import pytest
-from sodkern.trainer.chat import ChatFormat, ToolCall, parse_tool_call
-from sodkern.trainer.prompts import CODE_INTERPRETER_TOOL
-from sodkern.trainer.tiny import tiny_tokenizer
+
+from sodkern.trainer.demo.tiny import tiny_tokenizer
+from sodkern.trainer.rollout.chat import ChatFormat, ToolCall, parse_tool_call
+from sodkern.trainer.tasks.prompts import CODE_INTERPRETER_TOOL
 
 CALL = '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "print(2 + 2)"}}\n</tool_call>'
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]

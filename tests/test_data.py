@@ -10,8 +10,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sodkern.trainer.data import load_problems, load_sft
-from sodkern.trainer.prompts import build_prompt
+
+from sodkern.trainer.tasks.data import load_problems, load_sft
+from sodkern.trainer.tasks.prompts import build_prompt
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -203,7 +204,7 @@ def test_bad_parquet_row_and_skip_mode(tmp_path, caplog):
     path = write_parquet(tmp_path / "x.parquet", rows)
     with pytest.raises(ValueError, match=r"x\.parquet row 1: field 'reward_model\.ground_truth': expected an answer"):
         load_problems(path)
-    with caplog.at_level(logging.WARNING, logger="sodkern.trainer.data"):
+    with caplog.at_level(logging.WARNING, logger="sodkern.trainer.tasks.data"):
         problems = load_problems(path, skip_bad_rows=True)
     assert [p.uid for p in problems] == ["toy/0", "toy/2"]
     assert problems.skipped == 1 and "row 1: field 'reward_model.ground_truth'" in problems.errors[0]

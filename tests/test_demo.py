@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from sodkern.trainer.demo import MARKER, METHODS, prepare_output_dir
-from sodkern.trainer.demo_plots import LABELS, summarize_results
+
+from sodkern.trainer.demo.demo import MARKER, METHODS, prepare_output_dir
+from sodkern.trainer.demo.plots import LABELS, summarize_results
 from sodkern.trainer.plot import pattern_counts
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,12 +4,13 @@ and the demo tokenizer / chat template the rollout loop relies on."""
 from __future__ import annotations
 
 import pytest
-from sodkern.trainer import demo_task
-from sodkern.trainer.chat import ChatFormat
-from sodkern.trainer.prompts import CODE_INTERPRETER_TOOL
-from sodkern.trainer.rewards import math_reward
+
+from sodkern.trainer.demo import task as demo_task
+from sodkern.trainer.demo.tiny import tiny_tokenizer
+from sodkern.trainer.rollout.chat import ChatFormat
 from sodkern.trainer.sandbox import CodeInterpreter, LocalSandbox
-from sodkern.trainer.tiny import tiny_tokenizer
+from sodkern.trainer.tasks.prompts import CODE_INTERPRETER_TOOL
+from sodkern.trainer.tasks.rewards import math_reward
 
 
 @pytest.fixture(scope="module")

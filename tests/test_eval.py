@@ -9,11 +9,12 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sodkern.trainer.data import Problem
+
+from sodkern.trainer.demo.tiny import save_tiny
 from sodkern.trainer.eval import majority_correct, pass_at_k, summarize
-from sodkern.trainer.rewards import RewardResult
-from sodkern.trainer.rollout import Trajectory
-from sodkern.trainer.tiny import save_tiny
+from sodkern.trainer.rollout.loop import Trajectory
+from sodkern.trainer.tasks.data import Problem
+from sodkern.trainer.tasks.rewards import RewardResult
 
 
 def brute_force_pass_at_k(correct: list[bool], k: int) -> float:

@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from sodkern.trainer.data import Problem, load_problems
-from sodkern.trainer.rewards import (
+
+from sodkern.trainer.tasks.data import Problem, load_problems
+from sodkern.trainer.tasks.rewards import (
     RewardResult,
     code_reward,
     code_reward_partial,
@@ -187,7 +188,7 @@ def test_reward_fn_by_data_source_prefix_and_ability():
 
 
 CUSTOM_MODULE = """
-from sodkern.trainer.rewards import RewardResult
+from sodkern.trainer.tasks.rewards import RewardResult
 
 def length_reward(problem, response_text, *, sandbox=None):
     return RewardResult(0.5, True, response_text[:3], {"seen": problem.uid})

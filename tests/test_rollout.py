@@ -3,11 +3,12 @@ Hugging Face engine on the tiny Qwen3 (log-probs against a teacher-forced forwar
 
 import pytest
 import torch
-from sodkern.trainer.chat import ChatFormat
-from sodkern.trainer.data import Problem
-from sodkern.trainer.rollout import (
+
+from sodkern.trainer.demo.tiny import tiny_qwen3, tiny_tokenizer
+from sodkern.trainer.rollout.chat import ChatFormat
+from sodkern.trainer.rollout.hf_engine import HFEngine
+from sodkern.trainer.rollout.loop import (
     Completion,
-    HFEngine,
     RolloutConfig,
     SamplingParams,
     mask_spans,
@@ -15,7 +16,7 @@ from sodkern.trainer.rollout import (
     score_trajectories,
 )
 from sodkern.trainer.sandbox import CodeInterpreter
-from sodkern.trainer.tiny import tiny_qwen3, tiny_tokenizer
+from sodkern.trainer.tasks.data import Problem
 
 
 def call(code: str) -> str:

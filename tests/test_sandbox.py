@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
 from sodkern.trainer.sandbox import (
     CodeInterpreter,
     ExecResult,

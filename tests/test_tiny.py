@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from sodkern.trainer.prompts import CODE_INTERPRETER_TOOL
-from sodkern.trainer.tiny import MARKUP_TOKENS, SPECIAL_TOKENS, save_tiny, tiny_qwen3, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sodkern.trainer.demo.tiny import MARKUP_TOKENS, SPECIAL_TOKENS, save_tiny, tiny_qwen3, tiny_tokenizer
+from sodkern.trainer.tasks.prompts import CODE_INTERPRETER_TOOL
 
 
 @pytest.fixture(scope="module")

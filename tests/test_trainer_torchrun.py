@@ -32,7 +32,7 @@ def reward(problem, response_text, sandbox=None):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
-    from sodkern.trainer.tiny import save_tiny
+    from sodkern.trainer.demo.tiny import save_tiny
 
     root = tmp_path_factory.mktemp("trainer_e2e")
     save_tiny(root / "student", seed=0)

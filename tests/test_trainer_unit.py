@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+
+from sodkern.reference import reference_stepwise_weights
 from sodkern.trainer.advantages import grpo_advantages
 from sodkern.trainer.config import Config, load_config, save_config
 from sodkern.trainer.packing import make_micro_batch, pack
-
-from sodkern.reference import reference_stepwise_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SFT_DATA = REPO / "tests" / "fixtures" / "sft.jsonl"
@@ -33,7 +33,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    from sodkern.trainer.tiny import save_tiny
+    from sodkern.trainer.demo.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny") / "student", seed=0)
 
@@ -99,9 +99,8 @@ def test_pack_budget_and_scatter_split_roundtrip():
 
 def test_packed_logprobs_match_unpacked(world, tiny_path):
     """SDPA on a packed row keeps sequences apart (block-diagonal mask from the position ids)."""
-    from sodkern.trainer.parallel import CausalLM, load_causal_lm, shard
-
     from sodkern.ops.linear_logprobs import linear_logprobs
+    from sodkern.trainer.parallel import CausalLM, load_causal_lm, shard
 
     model = shard(CausalLM(load_causal_lm(str(tiny_path), device=world.device, dtype=torch.float32)), world.mesh,
                   compute_dtype=torch.float32)  # fmt: skip
@@ -212,10 +211,11 @@ def old_row_slice(mb, values, a, b):
 
 
 def test_sft_rendering_masks_assistant_turns_only(tiny_path):
-    from sodkern.trainer.chat import ChatFormat
-    from sodkern.trainer.data import load_sft
-    from sodkern.trainer.sft import render_sft
     from transformers import AutoTokenizer
+
+    from sodkern.trainer.rollout.chat import ChatFormat
+    from sodkern.trainer.sft import render_sft
+    from sodkern.trainer.tasks.data import load_sft
 
     tok = AutoTokenizer.from_pretrained(tiny_path)
     chat = ChatFormat(tok)
@@ -294,8 +294,9 @@ def test_plot_patterns_and_curves(tmp_path):
 
 def test_sodkern_train_one_process(world, tiny_path, tmp_path):
     """``sodkern train`` (one process) runs SFT, saves the config, a checkpoint and a loadable HF export."""
-    from sodkern.trainer.cli import main as cli_main
     from transformers import AutoModelForCausalLM
+
+    from sodkern.trainer.cli import main as cli_main
 
     run = tmp_path / "run"
     args = ["train", "--config", str(REPO / "configs" / "tiny_sft.yaml"), f"student.path={tiny_path}",

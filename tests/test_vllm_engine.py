@@ -10,13 +10,13 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
-from sodkern.trainer.chat import ChatFormat  # noqa: E402
-from sodkern.trainer.data import Problem  # noqa: E402
-from sodkern.trainer.rollout import RolloutConfig, SamplingParams, mask_spans, rollout  # noqa: E402
+from sodkern.trainer.demo.tiny import save_tiny, tiny_qwen3, tiny_tokenizer  # noqa: E402
+from sodkern.trainer.rollout.chat import ChatFormat  # noqa: E402
+from sodkern.trainer.rollout.loop import RolloutConfig, SamplingParams, mask_spans, rollout  # noqa: E402
+from sodkern.trainer.rollout.vllm_async import rollout_async  # noqa: E402
+from sodkern.trainer.rollout.vllm_engine import VLLMEngine  # noqa: E402
 from sodkern.trainer.sandbox import CodeInterpreter  # noqa: E402
-from sodkern.trainer.tiny import save_tiny, tiny_qwen3, tiny_tokenizer  # noqa: E402
-from sodkern.trainer.vllm_engine import VLLMEngine  # noqa: E402
-from sodkern.trainer.vllm_rollout import rollout_async  # noqa: E402
+from sodkern.trainer.tasks.data import Problem  # noqa: E402
 
 # A short tool schema keeps the rendered prompt short (and the teaching below quick).
 TOOL = {"type": "function", "function": {"name": "code_interpreter", "parameters": {}}}
@@ -151,7 +151,7 @@ def test_weight_update_changes_the_next_rollout(engine, base, tool_caller, scrip
 
 def test_sleep_and_wake_up_are_logged_no_ops_on_cpu(engine, caplog):
     assert not engine.sleep_supported
-    with caplog.at_level(logging.INFO, logger="sodkern.trainer.vllm_engine"):
+    with caplog.at_level(logging.INFO, logger="sodkern.trainer.rollout.vllm_engine"):
         engine.sleep()
         engine.wake_up()
     assert "sleep mode is off or unsupported" in caplog.text

@@ -8,8 +8,15 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load
-from sodkern.trainer.vllm_engine import VLLMEngine, encode_tensors, import_vllm, logprob_mismatch, weight_buckets
-from sodkern.trainer.vllm_server import RemoteTeacher, VLLMServerEngine
+
+from sodkern.trainer.rollout.vllm_engine import (
+    VLLMEngine,
+    encode_tensors,
+    import_vllm,
+    logprob_mismatch,
+    weight_buckets,
+)
+from sodkern.trainer.rollout.vllm_server import RemoteTeacher, VLLMServerEngine
 
 
 def test_mismatch_metrics_over_the_mask():

@@ -16,16 +16,16 @@ import torch
 
 pytest.importorskip("vllm")
 
-from sodkern.trainer.chat import ChatFormat  # noqa: E402
-from sodkern.trainer.data import Problem  # noqa: E402
-from sodkern.trainer.rollout import RolloutConfig, SamplingParams, mask_spans, rollout  # noqa: E402
-from sodkern.trainer.sandbox import CodeInterpreter  # noqa: E402
-from sodkern.trainer.tiny import save_tiny, tiny_qwen3, tiny_tokenizer  # noqa: E402
-from sodkern.trainer.vllm_engine import WORKER_EXTENSION  # noqa: E402
-from sodkern.trainer.vllm_server import RemoteTeacher, VLLMServerEngine  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from sodkern import linear_logprobs  # noqa: E402
+from sodkern.trainer.demo.tiny import save_tiny, tiny_qwen3, tiny_tokenizer  # noqa: E402
+from sodkern.trainer.rollout.chat import ChatFormat  # noqa: E402
+from sodkern.trainer.rollout.loop import RolloutConfig, SamplingParams, mask_spans, rollout  # noqa: E402
+from sodkern.trainer.rollout.vllm_engine import WORKER_EXTENSION  # noqa: E402
+from sodkern.trainer.rollout.vllm_server import RemoteTeacher, VLLMServerEngine  # noqa: E402
+from sodkern.trainer.sandbox import CodeInterpreter  # noqa: E402
+from sodkern.trainer.tasks.data import Problem  # noqa: E402
 
 
 def free_port() -> int:

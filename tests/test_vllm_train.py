@@ -45,7 +45,7 @@ def train(root: Path, engine: str) -> list[dict]:
 
 
 def test_sod_training_with_vllm_rollouts(tmp_path):
-    from sodkern.trainer.tiny import save_tiny
+    from sodkern.trainer.demo.tiny import save_tiny
 
     save_tiny(tmp_path / "student", seed=0)
     save_tiny(tmp_path / "teacher", seed=1)

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from sodkern.trainer.parallel import CausalLM
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -29,6 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from sodkern.trainer.parallel import CausalLM
 
 MARKER = "COMPLETE"
 

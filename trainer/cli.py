@@ -10,7 +10,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sandbox": ("sodkern.trainer.sandbox.cli", "run a Python file in the code-interpreter sandbox"),
     "eval": ("sodkern.trainer.eval", "evaluate a model on parquet/JSONL data: average@k, pass@k, maj@k"),
     "train": ("sodkern.trainer.train", "train (sft | grpo | opd | sod | opsd_gt | opsd_hint) in one process"),
-    "demo": ("sodkern.trainer.demo", "the whole SOD story on CPU: teacher, student, GRPO vs OPD vs SOD, plots"),
+    "demo": ("sodkern.trainer.demo.demo", "the whole SOD story on CPU: teacher, student, GRPO vs OPD vs SOD, plots"),
     "plot": ("sodkern.trainer.plot", "plot training curves and SOD step-weight patterns from a run folder"),
 }
 

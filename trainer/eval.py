@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sodkern.trainer.data import Problem, load_problems
-from sodkern.trainer.rollout import RolloutConfig, Trajectory
+
+from sodkern.trainer.rollout.loop import RolloutConfig, Trajectory
+from sodkern.trainer.tasks.data import Problem, load_problems
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -167,10 +168,12 @@ def sample_and_score(
     Returns:
         the scored trajectories (problem-major) and the seconds the sampling took.
     """
-    from sodkern.trainer.chat import ChatFormat
-    from sodkern.trainer.rollout import HFEngine, rollout, score_trajectories
-    from sodkern.trainer.sandbox import CodeInterpreter
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sodkern.trainer.rollout.chat import ChatFormat
+    from sodkern.trainer.rollout.hf_engine import HFEngine
+    from sodkern.trainer.rollout.loop import rollout, score_trajectories
+    from sodkern.trainer.sandbox import CodeInterpreter
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()

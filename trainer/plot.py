@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 import yaml
+
 from sodkern.trainer.metrics import METRICS_FILE, STEPS_FILE, read_jsonl
 
 CURVES = (

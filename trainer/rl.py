@@ -17,19 +17,20 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from sodkern.trainer import rollout as ro
-from sodkern.trainer.advantages import grpo_advantages
-from sodkern.trainer.chat import ChatFormat
-from sodkern.trainer.config import Config, LossConfig
-from sodkern.trainer.data import Problem
-from sodkern.trainer.packing import MicroBatch, make_micro_batch, pack, pad_to_common_count
-from sodkern.trainer.parallel import CausalLM, Dist, copy_weights, full_tensor, load_causal_lm, shard
-from sodkern.trainer.sandbox import CodeInterpreter, LocalSandbox
 from transformers import AutoModelForCausalLM
 
 from sodkern.ops.linear_logprobs import linear_logprobs
 from sodkern.ops.sod_loss import SODLossOutput, sod_loss
 from sodkern.ops.step_weights import stepwise_weights
+from sodkern.trainer.advantages import grpo_advantages
+from sodkern.trainer.config import Config, LossConfig
+from sodkern.trainer.packing import MicroBatch, make_micro_batch, pack, pad_to_common_count
+from sodkern.trainer.parallel import CausalLM, Dist, copy_weights, full_tensor, load_causal_lm, shard
+from sodkern.trainer.rollout import loop as ro
+from sodkern.trainer.rollout.chat import ChatFormat
+from sodkern.trainer.rollout.hf_engine import HFEngine
+from sodkern.trainer.sandbox import CodeInterpreter, LocalSandbox
+from sodkern.trainer.tasks.data import Problem
 
 # sod_loss metrics averaged over tokens; the loss parts (already over the mini-batch's tokens) are summed
 METRIC_KEYS = ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "mean_token_weight")
@@ -93,7 +94,7 @@ class RLWorker:
         r = cfg.rollout
         self.engine_model: torch.nn.Module | None = None
         if r.engine == "vllm":  # weights are pushed into the engine in place before every rollout
-            from sodkern.trainer.vllm_engine import VLLMEngine
+            from sodkern.trainer.rollout.vllm_engine import VLLMEngine
 
             self.engine = VLLMEngine(
                 cfg.student.path,
@@ -106,7 +107,7 @@ class RLWorker:
         else:
             self.engine_model = AutoModelForCausalLM.from_pretrained(cfg.student.path, dtype=dtype).to(d.device).eval()
             pad = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else chat.stop_token_ids[0]
-            self.engine = ro.HFEngine(self.engine_model, pad_token_id=pad)
+            self.engine = HFEngine(self.engine_model, pad_token_id=pad)
         self.sandbox = LocalSandbox(timeout=cfg.rollout.tool_timeout_s)
         self.tool = CodeInterpreter(self.sandbox)
         r = cfg.rollout
@@ -117,7 +118,7 @@ class RLWorker:
         self.teacher: CausalLM | None = None
         self.remote_teacher = None
         if cfg.algorithm in ("opd", "sod") and cfg.teacher.server:
-            from sodkern.trainer.vllm_server import RemoteTeacher
+            from sodkern.trainer.rollout.vllm_server import RemoteTeacher
 
             self.remote_teacher = RemoteTeacher(cfg.teacher.server)
         elif cfg.algorithm in ("opd", "sod"):

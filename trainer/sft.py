@@ -9,11 +9,11 @@ turns, up to and including the end-of-turn token, and nothing else (prompt, tool
 from __future__ import annotations
 
 import torch
-from sodkern.trainer.data import SFTExample
-from sodkern.trainer.packing import MicroBatch
 from transformers import PreTrainedTokenizerBase
 
 from sodkern.ops.linear_logprobs import linear_logprobs
+from sodkern.trainer.packing import MicroBatch
+from sodkern.trainer.tasks.data import SFTExample
 
 
 def render_sft(

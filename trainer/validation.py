@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import torch.distributed as dist
-from sodkern.trainer import rollout as ro
-from sodkern.trainer.data import Problem
+
 from sodkern.trainer.eval import sample_row, summarize
+from sodkern.trainer.rollout import loop as ro
+from sodkern.trainer.tasks.data import Problem
 
 VAL_SAMPLES_FILE = "val_samples.jsonl"
 

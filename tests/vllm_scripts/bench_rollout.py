@@ -15,12 +15,14 @@ import tempfile
 import time
 
 import torch
-from sodkern.trainer.chat import ChatFormat
-from sodkern.trainer.data import Problem
-from sodkern.trainer.rollout import HFEngine, RolloutConfig, rollout
-from sodkern.trainer.sandbox import CodeInterpreter
-from sodkern.trainer.tiny import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sodkern.trainer.demo.tiny import save_tiny
+from sodkern.trainer.rollout.chat import ChatFormat
+from sodkern.trainer.rollout.hf_engine import HFEngine
+from sodkern.trainer.rollout.loop import RolloutConfig, rollout
+from sodkern.trainer.sandbox import CodeInterpreter
+from sodkern.trainer.tasks.data import Problem
 
 QUESTIONS = [
     "What is 2 + 2?",
@@ -67,8 +69,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from sodkern.trainer.vllm_engine import VLLMEngine
-    from sodkern.trainer.vllm_rollout import rollout_async
+    from sodkern.trainer.rollout.vllm_async import rollout_async
+    from sodkern.trainer.rollout.vllm_engine import VLLMEngine
 
     with tempfile.TemporaryDirectory() as folder:
         save_tiny(folder, hidden_size=args.hidden, num_layers=args.layers, intermediate_size=2 * args.hidden)

@@ -79,7 +79,7 @@ class CodeInterpreter:
 
     def schema(self) -> dict:
         """OpenAI-style function schema of the tool (the one prompts render, so training and eval agree)."""
-        from sodkern.trainer.prompts import CODE_INTERPRETER_TOOL
+        from sodkern.trainer.tasks.prompts import CODE_INTERPRETER_TOOL
 
         return CODE_INTERPRETER_TOOL
 

@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sodkern.trainer.data import Problem
+from sodkern.trainer.tasks.data import Problem
 
 logger = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ def resolve_reward_fn(
         raise ValueError(
             f"no reward function for data_source {problem.data_source!r} (ability {problem.ability!r}); "
             "pass reward_fn= (a callable, 'module:function', or a {data_source prefix: function} dict) "
-            "or add an entry to sodkern.trainer.rewards.REWARD_FNS"
+            "or add an entry to sodkern.trainer.tasks.rewards.REWARD_FNS"
         )
     return import_reward_fn(fn) if isinstance(fn, str) else fn
 

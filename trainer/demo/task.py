@@ -25,15 +25,15 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from sodkern.trainer.data import Problem, SFTExample
-from sodkern.trainer.prompts import CODE_INTERPRETER_TOOL
+from sodkern.trainer.tasks.data import Problem, SFTExample
+from sodkern.trainer.tasks.prompts import CODE_INTERPRETER_TOOL
 
 DATA_SOURCE = "demo_arith"
 SYSTEM = "Use the code_interpreter tool for each step, one at a time. Give the final answer in \\boxed{}."
 TIMES = {2: "twice", 3: "three times", 4: "four times"}
 SPLIT_SEEDS = {"train": 1234, "test": 98765, "sft": 555}
 
-# The demo tokenizer's chat template: the Hermes / Qwen3 layout of :data:`sodkern.trainer.tiny.CHAT_TEMPLATE`
+# The demo tokenizer's chat template: the Hermes / Qwen3 layout of :data:`sodkern.trainer.demo.tiny.CHAT_TEMPLATE`
 # (tool calls as ``<tool_call>{json}</tool_call>``, results inside ``<tool_response>`` in a user turn) with a
 # compact tool list (names only, not the JSON schemas) and no newlines around the markup, so that the
 # sequences of the demo stay short.

@@ -13,7 +13,7 @@ Row layouts understood by :func:`load_problems` (detected per row, from its fiel
 - LiveCodeBench v6: ``problem``, ``reward_model``, ``extra_info``, the last two as JSON strings
   (data source ``livecodebench``).
 
-For the raw benchmark layouts the prompt is built by :func:`sodkern.trainer.prompts.build_prompt`, and
+For the raw benchmark layouts the prompt is built by :func:`sodkern.trainer.tasks.prompts.build_prompt`, and
 their other columns go to ``extra_info``. Pass ``data_source=`` to name a raw file that is not the
 benchmark its shape suggests.
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sodkern.trainer.prompts import build_prompt
+from sodkern.trainer.tasks.prompts import build_prompt
 
 logger = logging.getLogger(__name__)
 

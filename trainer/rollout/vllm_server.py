@@ -1,15 +1,15 @@
 """Clients of an external vLLM OpenAI-compatible server (``vllm serve``): rollouts with pushed weights, and a
 remote teacher.
 
-- :class:`VLLMServerEngine` (server mode, see :mod:`sodkern.trainer.vllm_engine` for the colocated mode):
-  the :class:`~sodkern.trainer.rollout.GenerationEngine` protocol over ``/v1/completions`` with token ids in
+- :class:`VLLMServerEngine` (server mode, see :mod:`sodkern.trainer.rollout.vllm_engine` for the colocated mode):
+  the :class:`~sodkern.trainer.rollout.loop.GenerationEngine` protocol over ``/v1/completions`` with token ids in
   and out and the sampled tokens' log-probs, one HTTP request per prompt, all in flight at once (the server
   batches them). :meth:`VLLMServerEngine.update_weights` pushes the student's tensors to the server's
-  workers (``/collective_rpc`` to :class:`~sodkern.trainer.vllm_engine.WorkerExtension`, in buckets of
+  workers (``/collective_rpc`` to :class:`~sodkern.trainer.rollout.vllm_engine.WorkerExtension`, in buckets of
   base64 safetensors) and resets its prefix cache. Start the server as::
 
       VLLM_SERVER_DEV_MODE=1 vllm serve STUDENT --logprobs-mode processed_logprobs \\
-          --generation-config vllm --worker-extension-cls sodkern.trainer.vllm_engine.WorkerExtension
+          --generation-config vllm --worker-extension-cls sodkern.trainer.rollout.vllm_engine.WorkerExtension
 
   (``processed_logprobs``: the log-probs are ``log_softmax(logits / temperature)``, the trainer's; dev mode
   opens ``/collective_rpc`` and ``/reset_prefix_cache``, so keep such a server on a private network. The
@@ -33,8 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from sodkern.trainer.rollout import Completion, SamplingParams
-from sodkern.trainer.vllm_engine import WORKER_EXTENSION, encode_tensors, weight_buckets
+
+from sodkern.trainer.rollout.loop import Completion, SamplingParams
+from sodkern.trainer.rollout.vllm_engine import WORKER_EXTENSION, encode_tensors, weight_buckets
 
 
 def _call(url: str, body: dict | None = None, *, timeout: float) -> Any:
@@ -87,7 +88,7 @@ class _Server:
 
 
 class VLLMServerEngine:
-    """:class:`~sodkern.trainer.rollout.GenerationEngine` on an external ``vllm serve`` (server mode).
+    """:class:`~sodkern.trainer.rollout.loop.GenerationEngine` on an external ``vllm serve`` (server mode).
 
     Args:
         url: the server's base URL (``http://host:port``).

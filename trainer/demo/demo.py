@@ -7,7 +7,7 @@
 The phases, each through the project's own code paths (``sodkern.trainer.train.main`` for every training
 run, the rollout loop with the real code-interpreter sandbox, ``sodkern.trainer.eval.summarize``):
 
-1. data: the synthetic task of :mod:`sodkern.trainer.demo_task` (chained arithmetic that needs the code
+1. data: the synthetic task of :mod:`sodkern.trainer.demo.task` (chained arithmetic that needs the code
    interpreter), written as SFT trajectories and verl-layout problem files; a tokenizer built in code.
 2. teacher: a Qwen3-architecture model from a config (random init), SFT on scripted correct trajectories.
 3. student: a smaller Qwen3 model, cold-started with a short SFT on a few trajectories.
@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from sodkern.trainer import demo_task
+
+from sodkern.trainer.demo import task as demo_task
 from sodkern.trainer.metrics import METRICS_FILE, STEPS_FILE, read_jsonl
 
 METHODS = ("grpo", "opd", "sod")
@@ -135,7 +136,7 @@ def write_data(out: Path, p: Preset) -> dict[str, Path]:
 def build_models(out: Path, p: Preset) -> dict[str, Path]:
     """The demo tokenizer (BPE on the task's text, one token per digit, the compact tool template) and the
     randomly initialised teacher and student, saved as HF folders."""
-    from sodkern.trainer.tiny import tiny_qwen3, tiny_tokenizer
+    from sodkern.trainer.demo.tiny import tiny_qwen3, tiny_tokenizer
 
     tok = tiny_tokenizer(
         p.vocab_size,
@@ -261,7 +262,7 @@ def evaluate(model_dir: Path, problems: list, *, n: int, seed: int, out: Path) -
     """``sodkern eval``'s sampling, scoring and summary of ``n`` responses per held-out problem (the rollout
     loop, the real sandbox); writes its ``metrics.json`` and ``samples.jsonl`` to ``out``."""
     from sodkern.trainer.eval import sample_and_score, summarize, write_results
-    from sodkern.trainer.rollout import RolloutConfig
+    from sodkern.trainer.rollout.loop import RolloutConfig
 
     torch.manual_seed(seed)
     config = RolloutConfig(n=n, max_turns=MAX_TURNS, max_response_tokens=MAX_RESPONSE_TOKENS, temperature=1.0,
@@ -298,9 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from sodkern.trainer import demo_plots
-    from sodkern.trainer.data import load_problems
+
+    from sodkern.trainer.demo import plots as demo_plots
     from sodkern.trainer.plot import pattern_counts, plot_patterns
+    from sodkern.trainer.tasks.data import load_problems
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

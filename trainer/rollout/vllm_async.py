@@ -1,6 +1,6 @@
 """Multi-turn rollouts on vLLM with continuous batching: tool calls run while other trajectories generate.
 
-:func:`~sodkern.trainer.rollout.rollout` is turn-synchronous: each round waits for the longest turn of the
+:func:`~sodkern.trainer.rollout.loop.rollout` is turn-synchronous: each round waits for the longest turn of the
 batch, then for the slowest tool call. :func:`rollout_async` drives the in-process vLLM engine step by step
 instead: every trajectory is its own request; when one finishes a turn with a tool call, the call goes to a
 thread pool and the engine keeps decoding the others; when the result is back, the observation ids are
@@ -17,11 +17,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from typing import Any
 
-from sodkern.trainer.chat import ChatFormat, ToolCall
-from sodkern.trainer.data import Problem
-from sodkern.trainer.rollout import Completion, RolloutConfig, SamplingParams, Trajectory, mask_spans
-from sodkern.trainer.vllm_engine import VLLMEngine, to_completion
 from tqdm.auto import tqdm
+
+from sodkern.trainer.rollout.chat import ChatFormat, ToolCall
+from sodkern.trainer.rollout.loop import Completion, RolloutConfig, SamplingParams, Trajectory, mask_spans
+from sodkern.trainer.rollout.vllm_engine import VLLMEngine, to_completion
+from sodkern.trainer.tasks.data import Problem
 
 
 def rollout_async(
@@ -35,7 +36,7 @@ def rollout_async(
 ) -> list[Trajectory]:
     """Sample ``config.n`` multi-turn trajectories per problem, all in flight at once.
 
-    Same contract as :func:`~sodkern.trainer.rollout.rollout` (problem-major order, ``"eos"`` /
+    Same contract as :func:`~sodkern.trainer.rollout.loop.rollout` (problem-major order, ``"eos"`` /
     ``"max_turns"`` / ``"length"`` endings, the response budget, error observations for malformed calls).
 
     Args:

@@ -20,8 +20,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sodkern.trainer.prompts import CODE_INTERPRETER_TOOL
 from transformers import PreTrainedTokenizerBase
+
+from sodkern.trainer.tasks.prompts import CODE_INTERPRETER_TOOL
 
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 # The content of an assistant message, to find where the template puts it (a string no text contains).

@@ -3,7 +3,7 @@
 Rows that arrive in the verl layout keep their ``prompt`` messages as given; the raw benchmark shapes
 (AIME, GPQA-Diamond, LiveCodeBench) get a prompt built here, in the style of the public agentic-TIR
 recipes: the problem, an instruction to reason step by step, the hint that a ``code_interpreter`` Python
-tool is available, and the answer format that :mod:`sodkern.trainer.rewards` reads back:
+tool is available, and the answer format that :mod:`sodkern.trainer.tasks.rewards` reads back:
 
 - math: the final answer in ``\\boxed{}``;
 - science (multiple choice, options in the problem text): the option letter in ``\\boxed{}``;

