@@ -28,14 +28,26 @@ from sodkern.trainer.sandbox import (
     ExecResult,
     LocalSandbox,
     SandboxFusionClient,
+    SandboxUnavailable,
     find_launcher,
     prepare_code,
 )
 from sodkern.trainer.sandbox import local as sandbox_local
 from sodkern.trainer.sandbox.cli import main as cli_main
+from sodkern.trainer.sandbox.server import UID_BASE
 
 REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = os.geteuid() == 0
+
+
+def snippet_processes() -> list[int]:
+    """Pids of live processes running as a snippet's own uid (root trainer) anywhere on the host."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if UID_BASE <= os.stat(f"/proc/{pid}").st_uid < UID_BASE + (1 << 22):
+                found.append(int(pid))
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +69,20 @@ def test_native_launcher_is_built_and_used(sandbox):
     )
     first, second = sandbox.run(code), sandbox.run(code)
     assert first.ok and second.ok, (first, second)
-    uid = str(sandbox.ids[0]) if IS_ROOT else str(os.getuid())
-    assert first.stdout.split()[:2] == [uid, "True"]
+    assert sandbox.fork_server, "the fork server did not start (see the warning)"
+    uid = int(first.stdout.split()[0])
+    assert UID_BASE < uid < UID_BASE + (1 << 22) if IS_ROOT else uid == os.getuid()
+    assert first.stdout.split()[1] == "True"
     workdirs = [first.stdout.split()[2], second.stdout.split()[2]]
-    assert workdirs[0] != workdirs[1] and not any(map(os.path.exists, workdirs))  # private, removed afterwards
+    assert workdirs[0] != workdirs[1] and not any(map(os.path.exists, workdirs))  # private, never on the host
+
+
+def test_per_process_launcher_still_works():
+    with LocalSandbox(timeout=5, fork_server=False, workers=2) as old:
+        assert not old.fork_server and old.launcher is not None
+        results = old.run_many(["import os\nprint(os.getuid())", "print(input())"], [None, "hi"])
+        uid = str(old.ids[0]) if IS_ROOT else str(os.getuid())
+        assert [r.stdout for r in results] == [f"{uid}\n", "hi\n"]
 
 
 # ---- normal snippets -----------------------------------------------------------------------------------
@@ -143,15 +165,12 @@ def test_no_network(sandbox):
 
 
 def test_fork_bomb(sandbox):
-    code = "import os\nprint(os.getpgid(0), flush=True)\n"
-    code += "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     start = time.monotonic()
     result = sandbox.run(code)
     assert time.monotonic() - start < 15
-    assert result.limit in ("timeout", "cpu", "nproc", "output") and not result.ok
-    pgid = int(result.stdout.split()[0])
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pgid, 0)  # the whole process group is gone
+    assert result.limit in ("timeout", "cpu", "nproc", "output", "memory") and not result.ok
+    assert snippet_processes() == []  # every process of it is gone
     assert sandbox.run("print('still fine')").stdout == "still fine\n"
 
 
@@ -179,7 +198,7 @@ def test_no_writes_outside_workdir(sandbox):
         code += "".join(f"try:\n    open({t!r}, 'w').write('x')\nexcept OSError as e:\n    print(e)\n" for t in targets)
         result = sandbox.run(code)
         assert result.ok, result
-        assert result.stdout.startswith("True\n") and result.stdout.count("Permission denied") == 2
+        assert result.stdout.startswith("True\n") and result.stdout.count("Errno") == 2
         assert not any(os.path.exists(t) for t in targets)
     finally:
         for t in targets:
@@ -198,7 +217,7 @@ def test_no_secrets_from_parent(sandbox, monkeypatch):
     )
     result = sandbox.run(code)
     assert result.ok and "s3cr3t" not in result.stdout + result.stderr
-    assert result.stdout.startswith("None\n") and result.stdout.count("PermissionError") == 2
+    assert result.stdout.startswith("None\n") and result.stdout.count("Error\n") == 2
 
 
 def test_cannot_kill_parent(sandbox):
@@ -212,12 +231,12 @@ def test_cannot_kill_parent(sandbox):
     )
     result = sandbox.run(code)
     assert os.getpid() == me and result.ok  # we are still here
-    assert result.stdout.splitlines() == ["PermissionError", "PermissionError", "self ok"]
+    assert "sent" not in result.stdout.splitlines()[0] and result.stdout.endswith("self ok\n")
 
 
 def test_contained_without_user_switch():
     """As the trainer's own user (the non-root case), Landlock and seccomp alone must keep the parent safe."""
-    with LocalSandbox(timeout=3, cpu_seconds=2, memory_mb=512, user=None) as same_user:
+    with LocalSandbox(timeout=3, cpu_seconds=2, memory_mb=512, user=None, fork_server=False) as same_user:
         if same_user.features.get("landlock", 0) < 6:
             pytest.skip("needs Landlock ABI >= 6 (signal scoping); older kernels use the seccomp kill filter")
         assert same_user.ids is None
@@ -246,8 +265,16 @@ def test_contained_without_user_switch():
 
 def test_python_fallback_warns_and_limits(monkeypatch):
     monkeypatch.setattr(sandbox_local, "_warned", set())
+    with pytest.raises(SandboxUnavailable, match="SODKERN_SANDBOX_ALLOW_WEAK=1") as error:
+        LocalSandbox(native=False)  # fails closed: the weak launcher only when asked for by name
+    assert "\n" not in str(error.value) and "pip install" in str(error.value)
+    monkeypatch.setattr(sandbox_local, "find_launcher", lambda: None)  # as on a machine without a C compiler
+    with pytest.raises(SandboxUnavailable, match="is not built"):
+        LocalSandbox()
+    monkeypatch.undo()
+    monkeypatch.setattr(sandbox_local, "_warned", set())
     with pytest.warns(RuntimeWarning, match="NETWORK ISOLATION IS OFF"):
-        fallback = LocalSandbox(timeout=2, cpu_seconds=1, memory_mb=512, native=False)
+        fallback = LocalSandbox(timeout=2, cpu_seconds=1, memory_mb=512, native=False, allow_weak=True)
     with fallback:
         assert fallback.launcher is None
         result = fallback.run("import os\nprint(os.getuid())\n6 * 7", stdin=None)
@@ -259,6 +286,7 @@ def test_python_fallback_warns_and_limits(monkeypatch):
             result = fallback.run(f"import os\nos.kill({os.getpid()}, 9)")
             assert "PermissionError" in result.stderr
     monkeypatch.setenv("SODKERN_SANDBOX_NATIVE", "0")
+    monkeypatch.setenv("SODKERN_SANDBOX_ALLOW_WEAK", "1")
     assert LocalSandbox().launcher is None
 
 

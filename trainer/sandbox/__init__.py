@@ -8,6 +8,16 @@ tool.execute("```python\\nimport math\\nmath.factorial(10)\\n```").observation()
 from sodkern.trainer.sandbox.fusion import SandboxFusionClient
 from sodkern.trainer.sandbox.interpreter import CodeInterpreter, prepare_code
 from sodkern.trainer.sandbox.local import LocalSandbox, find_launcher
-from sodkern.trainer.sandbox.result import ExecResult
+from sodkern.trainer.sandbox.result import ExecResult, escape_control
+from sodkern.trainer.sandbox.server import SandboxUnavailable
 
-__all__ = ["CodeInterpreter", "ExecResult", "LocalSandbox", "SandboxFusionClient", "find_launcher", "prepare_code"]
+__all__ = [
+    "CodeInterpreter",
+    "ExecResult",
+    "LocalSandbox",
+    "SandboxFusionClient",
+    "SandboxUnavailable",
+    "escape_control",
+    "find_launcher",
+    "prepare_code",
+]

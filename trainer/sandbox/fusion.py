@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
+from sodkern.trainer.sandbox.batch import ThreadedRunner
 from sodkern.trainer.sandbox.result import ExecResult, classify, truncate
 
 logger = logging.getLogger(__name__)
 
 
-class SandboxFusionClient:
+class SandboxFusionClient(ThreadedRunner):
     """Runs snippets on a SandboxFusion server at ``url`` (e.g. "http://localhost:8080").
 
     timeout: the service's run_timeout in seconds. memory_mb: its memory_limit_MB. max_output_chars: kept per
@@ -29,6 +28,8 @@ class SandboxFusionClient:
     connection error or an HTTP 5xx, with a short backoff. The HTTP request itself may take the run timeout
     plus ``request_slack`` seconds.
     """
+
+    _thread_prefix = "sodkern-fusion"
 
     def __init__(
         self,
@@ -48,8 +49,7 @@ class SandboxFusionClient:
         self.workers = workers or 32
         self.retries = int(retries)
         self.request_slack = float(request_slack)
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self._init_pool()
 
     def run(self, code: str, stdin: str | None = None) -> ExecResult:
         """Run one snippet on the service; a request that keeps failing comes back as an error result."""
@@ -82,22 +82,8 @@ class SandboxFusionClient:
         logger.warning("SandboxFusion request to %s failed: %s", self.url, error)
         return ExecResult("", f"Sandbox error: request to {self.url} failed: {error}", None, 0.0, None)
 
-    def run_many(self, codes: list[str], stdins: list[str | None] | None = None) -> list[ExecResult]:
-        """Send the snippets concurrently on ``workers`` threads; results in the order of ``codes``."""
-        stdins = [None] * len(codes) if stdins is None else list(stdins)
-        if len(stdins) != len(codes):
-            raise ValueError(f"run_many: stdins has {len(stdins)} entries for {len(codes)} codes")
-        if not codes:
-            return []
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sodkern-fusion")
-        return list(self._pool.map(self.run, codes, stdins))
-
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        self._close_pool()
 
     def _result(self, answer: dict, elapsed: float) -> ExecResult:
         run = answer.get("run_result") or {}

@@ -97,6 +97,12 @@ struct ll_path_beneath_attr {
     int32_t parent_fd;
 } __attribute__((packed));
 
+void die(const char *what) {
+    fprintf(stderr, "sodkern-sandbox: %s: %s\n", what, strerror(errno));
+    fflush(stderr);
+    _exit(126);
+}
+
 int landlock_abi(void) {
     long abi = syscall(__NR_landlock_create_ruleset, NULL, 0, LL_CREATE_RULESET_VERSION);
     return abi < 0 ? 0 : (int)abi;

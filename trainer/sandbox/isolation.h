@@ -4,7 +4,7 @@
 
 #define MAX_PATHS 64
 
-/* Print "sodkern-sandbox: what: strerror(errno)" and exit 126 (defined in launcher.c). */
+/* Print "sodkern-sandbox: what: strerror(errno)" and exit 126 (fd 2; no atexit handlers run). */
 void die(const char *what);
 
 /* The Landlock ABI the kernel offers (0: none). */

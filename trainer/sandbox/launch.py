@@ -134,6 +134,21 @@ def sandbox_ids(user: str | int) -> tuple[int, int]:
         return 65534, 65534  # nobody / nogroup on every common distribution
 
 
+def site_dirs() -> list[str]:
+    """The interpreter's site-packages directories (real paths), appended to a snippet's sys.path."""
+    return [os.path.realpath(d) for d in site.getsitepackages() if os.path.isdir(d)]
+
+
+def server_reads() -> list[str]:
+    """What a fork server's new root holds (read-only): the system directories and the interpreter's install;
+    a path inside another one of the list is left out (the outer bind shows it)."""
+    roots = [os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix, sys.prefix)]
+    exe_dir = os.path.dirname(os.path.realpath(sys.executable))
+    system = [p for p in SYSTEM_READ if p not in ("/proc", "/sys", "/dev")]
+    paths = list(dict.fromkeys([*system, *roots, *site_dirs(), exe_dir]))
+    return [p for p in paths if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in paths)]
+
+
 @dataclass
 class SnippetPython:
     """The snippet's interpreter: ``argv`` (ends with the bootstrap and site dirs), extra ``env``, the

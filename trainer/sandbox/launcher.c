@@ -48,11 +48,6 @@
 
 #include "isolation.h"
 
-void die(const char *what) {
-    fprintf(stderr, "sodkern-sandbox: %s: %s\n", what, strerror(errno));
-    exit(126);
-}
-
 static void usage(const char *msg) {
     fprintf(stderr, "sodkern-sandbox: %s\nusage: sodkern-sandbox [--cpu S] [--memory B] [--fsize B] [--nproc N] "
                     "[--nofile N] [--uid U --gid G] [--ppid P] [--write PATH]... [--read PATH]... [--expose DIR]... "

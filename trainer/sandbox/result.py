@@ -17,6 +17,9 @@ LIMIT_MESSAGES: dict[str, str] = {
     "network": "Error: network access is disabled in the sandbox.",
 }
 
+# what a terminal would act on: C0 controls but tab and newline (ESC starts title, clipboard and clear-screen
+# sequences; CR overwrites the line), DEL, C1 controls, and the bidirectional overrides that reorder text
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _EXC_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit|Interrupt))(?::\s?(.*))?$")
 
 
@@ -52,6 +55,17 @@ class ExecResult:
         elif self.exit_code not in (0, None) and not self.stderr.strip():
             parts.append(f"Error: the process exited with status {self.exit_code}.")
         return "\n".join(parts)
+
+
+def escape_control(text: str) -> str:
+    """Text safe to print to a terminal: control characters (but tab and newline) become visible escapes,
+    e.g. ESC -> ``\\x1b``, U+202E -> ``\\u202e``. For display only: the model's observation keeps the text."""
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}"
 
 
 def _signal_name(signum: int) -> str:

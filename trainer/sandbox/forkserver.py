@@ -1,0 +1,223 @@
+"""The fork server: one per sandbox slot, Python and common modules imported once, one fork per snippet.
+
+Run by server.py as ``python -I -S forkserver.py CONFIG_JSON`` (standard library only: it runs apart from the
+sodkern package). It imports the preload modules, locks itself into a new root (``sbx_server_setup`` in
+jail.c: private mount and network namespaces, read-only binds of the allowed paths only) and answers
+requests on the socket ``config["fd"]``:
+
+request: a JSON object ``{"stdin": bool}`` with descriptors [code, stdout, stderr(, stdin)] (the code as a
+UTF-8 file); reply: ``{"status": wait status, "cpu": seconds, "reason": "timeout" | "killed" | null}``. A
+message ``kill`` during a run stops the snippet; end of file on the socket stops the server.
+
+Each snippet is forked as PID 1 of a new PID namespace, enters its isolation (``sbx_enter``: own /proc, IPC
+and mount namespaces, size-capped /tmp and /dev/shm, cgroups, rlimits, Landlock, its own uid, seccomp) and
+runs ``main.py`` in a fresh ``__main__``; when it exits, the kernel kills whatever it left running.
+"""
+
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import select
+import socket
+import sys
+
+CLONE_NEWPID = 0x20000000
+WORKDIR = "/tmp/sodkern-sbx"
+
+
+class Limits(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_longlong) for name in ("uid", "gid", "work_bytes", "shm_bytes", "inodes")),
+        *((name, ctypes.c_longlong) for name in ("cpu", "as_", "fsize", "nproc", "nofile")),
+        ("cgroup_fds", ctypes.c_int * 4),
+        ("ncgroup", ctypes.c_int),
+    ]
+
+
+def c_strings(items):
+    array = (ctypes.c_char_p * len(items))()
+    array[:] = [item.encode() for item in items]
+    return array
+
+
+def vm_size():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def main():
+    config = json.loads(sys.argv[1])
+    sys.path[:] = [p for p in sys.path if p and os.path.realpath(p) != os.path.dirname(os.path.realpath(__file__))]
+    sys.path.extend(config["site_dirs"])
+    for name in config["preload"]:
+        with contextlib.suppress(Exception):  # an optional module that does not import here: the snippet sees
+            __import__(name)
+    libc = ctypes.CDLL(None, use_errno=True)
+    lib = ctypes.CDLL(config["lib"], use_errno=True)
+    sock = socket.socket(fileno=config["fd"])
+    reads = config["reads"]
+    config["pid"] = os.getpid()
+    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)  # /proc is gone after the setup
+    mapped = vm_size()
+    if lib.sbx_server_setup(c_strings(reads), len(reads), int(config["unprivileged"])) != 0:
+        sys.exit(2)
+    limits = Limits()
+    for key, value in config["limits"].items():
+        setattr(limits, "as_" if key == "as" else key, value)
+    if config["uid_base"] is not None:  # a uid of its own: no file and no other live snippet has it
+        limits.uid = limits.gid = config["uid_base"] + os.getpid()
+    limits.as_ = mapped + config["limits"]["as"]  # RLIMIT_AS on top of what the fork already maps
+    cgroups = config["cgroup_fds"]
+    limits.cgroup_fds[: len(cgroups)] = cgroups
+    limits.ncgroup = len(cgroups)
+    c_reads = c_strings([*reads, "/proc", "/dev"])
+    gc.collect()
+    gc.freeze()  # the forks' collector never walks (and so never copies) the server's imported objects
+    sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
+    serial = 0
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
+        except OSError:
+            return
+        if not message:
+            return
+        if message == b"kill":  # came after the snippet it was meant for had ended
+            for fd in fds:
+                os.close(fd)
+            continue
+        request = json.loads(message)
+        serial += 1
+        if libc.unshare(CLONE_NEWPID) != 0:
+            reply = {"error": f"unshare(CLONE_NEWPID): {os.strerror(ctypes.get_errno())}"}
+            sock.send(json.dumps(reply).encode())
+            for fd in fds:
+                os.close(fd)
+            continue
+        pid = os.fork()
+        if pid == 0:
+            child(lib, limits, c_reads, len(reads) + 2, fds, request, config, serial)
+        libc.setns(own_pidns, CLONE_NEWPID)
+        for fd in fds:
+            os.close(fd)
+        sock.send(json.dumps(supervise(sock, pid, config["timeout"])).encode())
+
+
+def supervise(sock, pid, timeout):
+    """Wait for the snippet (PID 1 of its namespace) until it exits, times out or the caller says kill."""
+    import time
+
+    pidfd = os.pidfd_open(pid)
+    deadline = time.monotonic() + timeout
+    reason = None
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                reason = "timeout"
+                break
+            ready, _, _ = select.select([pidfd, sock], [], [], remaining)
+            if pidfd in ready:
+                break
+            if sock in ready:
+                data = sock.recv(64)
+                reason = "killed"
+                if not data:  # the caller is gone: stop this snippet and then the server
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    sys.exit(0)
+                break
+        if reason is not None:
+            os.kill(pid, 9)  # PID 1 of its namespace: every process of the snippet dies with it
+    finally:
+        os.close(pidfd)
+    _, status, usage = os.wait4(pid, 0)
+    return {"status": status, "cpu": usage.ru_utime + usage.ru_stime, "reason": reason}
+
+
+def child(lib, limits, c_reads, nread, fds, request, config, serial):
+    """The snippet's process: std streams, isolation, then main.py in a fresh __main__; never returns."""
+    code_fd, out_fd, err_fd = fds[:3]
+    stdin_fd = fds[3] if request.get("stdin") else os.open("/dev/null", os.O_RDONLY)
+    for fd, target in ((stdin_fd, 0), (out_fd, 1), (err_fd, 2)):
+        os.dup2(fd, target)
+    code = os.pread(code_fd, os.fstat(code_fd).st_size, 0)
+    lib.sbx_enter(ctypes.byref(limits), c_reads, nread)
+    os.closerange(3, 1 << 16)
+    run_snippet(code, config["env"], f"{WORKDIR}-{config['pid']}-{serial}")
+
+
+def run_snippet(code, env, workdir):
+    import atexit
+    import builtins
+    import io
+    import traceback
+    import types
+
+    status = 1
+    try:
+        os.mkdir(workdir, 0o700)
+        os.chdir(workdir)
+        with open("main.py", "wb") as f:
+            f.write(code)
+        os.environ.clear()
+        os.environ.update({**env, "HOME": workdir, "TMPDIR": workdir, "MPLCONFIGDIR": workdir})
+        sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.FileIO(0, "rb", closefd=False), encoding="utf-8")
+        sys.stdout = sys.__stdout__ = io.TextIOWrapper(
+            io.FileIO(1, "wb", closefd=False), encoding="utf-8", write_through=True
+        )
+        sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+            io.FileIO(2, "wb", closefd=False), encoding="utf-8", errors="backslashreplace", write_through=True
+        )
+        sys.argv = ["main.py"]
+        sys.path[0:0] = [workdir]
+        builtins.exit = builtins.quit = sys.exit
+        if "numpy.random" in sys.modules:
+            sys.modules["numpy.random"].seed()
+        main = types.ModuleType("__main__")
+        main.__file__ = "main.py"
+        main.__builtins__ = builtins
+        sys.modules["__main__"] = main
+        try:
+            compiled = compile(code.decode("utf-8", errors="surrogateescape"), "main.py", "exec")
+        except (SyntaxError, ValueError) as e:
+            traceback.print_exception(type(e), e, None)
+            os._exit(1)
+        try:
+            exec(compiled, vars(main))
+            status = 0
+        except SystemExit as e:
+            status = _exit_status(e.code)
+        except BaseException as e:  # noqa: BLE001 (the snippet's own exception: reported like python main.py)
+            traceback.print_exception(type(e), e, e.__traceback__.tb_next)
+            status = 1
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            threading._shutdown()
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    except BaseException as e:  # noqa: BLE001 (a failure around the snippet: say so, never return)
+        with contextlib.suppress(OSError):
+            os.write(2, f"sodkern-sandbox: {type(e).__name__}: {e}\n".encode(errors="replace"))
+    os._exit(status)
+
+
+def _exit_status(code):
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    with contextlib.suppress(Exception):
+        sys.stderr.write(f"{code}\n")
+    return 1
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+/*
+ * libsodkern-sandbox: the isolation of the fork server (forkserver.py), called through ctypes.
+ *
+ * sbx_server_setup (once per server, i.e. per slot, after its modules are imported): a private mount and
+ * network namespace (plus a user namespace mapping the caller to root when it is not root), and a new root
+ * file system: a read-only tmpfs holding read-only, non-recursive bind mounts of the given paths only
+ * (system directories, the interpreter's install), a minimal /dev (null, zero, full, random, urandom) and
+ * empty mount points /proc, /tmp and /dev/shm; pivot_root into it and detach the old root.  Nothing else of
+ * the host (other users' files, /root, /tmp, the checkout, /sys) exists in it.
+ *
+ * sbx_enter (in each snippet's child, which the server forked as PID 1 of a new PID namespace): a private
+ * mount and IPC namespace; a fresh /proc of that PID namespace (no other process visible); a size-limited
+ * tmpfs owned by the snippet's user on /tmp (its work dir lives there) and another on /dev/shm; the
+ * snippet's cgroups (memory, pids: joined through descriptors the server opened); a session of its own;
+ * rlimits; PR_SET_NO_NEW_PRIVS; Landlock (writes only to /tmp, /dev/shm, /dev/null; reads only to the given
+ * paths); the user switch to the snippet's own uid (or, without one, an empty capability set);
+ * PR_SET_PDEATHSIG; the seccomp filter of isolation.c.  Errors print "sodkern-sandbox: ..." to fd 2 and
+ * _exit(126).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <linux/capability.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "isolation.h"
+
+#define ROOT "/tmp" /* where the new root is built before pivot_root (inside the private mount namespace) */
+
+static int setup_error(const char *what) {
+    fprintf(stderr, "sodkern-sandbox: %s: %s\n", what, strerror(errno));
+    fflush(stderr);
+    return -1;
+}
+
+static int write_file(const char *path, const char *text) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = write(fd, text, strlen(text));
+    int err = errno;
+    close(fd);
+    errno = err;
+    return n == (ssize_t)strlen(text) ? 0 : -1;
+}
+
+/* mkdir -p of the directories leading to `path` (not `path` itself), mode 0755 */
+static int make_parents(const char *path) {
+    char buf[PATH_MAX];
+    if (strlen(path) >= sizeof(buf)) return errno = ENAMETOOLONG, -1;
+    strcpy(buf, path);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = '\0';
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST) return -1;
+        *p = '/';
+    }
+    return 0;
+}
+
+/* Bind `source` (opened as `fd`) read-only at ROOT + `path`; a symlink is recreated as a symlink. */
+static int bind_readonly(const char *path, int fd, int devices) {
+    char target[PATH_MAX], source[64], link[PATH_MAX];
+    snprintf(target, sizeof(target), ROOT "%s", path);
+    if (make_parents(target) != 0) return setup_error(target);
+    struct stat st;
+    if (fstatat(fd, "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return setup_error(path);
+    if (S_ISLNK(st.st_mode)) {
+        ssize_t n = readlinkat(fd, "", link, sizeof(link) - 1);
+        if (n < 0) return setup_error(path);
+        link[n] = '\0';
+        if (symlink(link, target) != 0 && errno != EEXIST) return setup_error(target);
+        return 0;
+    }
+    if (S_ISDIR(st.st_mode)) {
+        if (mkdir(target, 0755) != 0 && errno != EEXIST) return setup_error(target);
+    } else {
+        int made = open(target, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+        if (made < 0) return setup_error(target);
+        close(made);
+    }
+    snprintf(source, sizeof(source), "/proc/self/fd/%d", fd);
+    if (mount(source, target, NULL, MS_BIND, NULL) != 0) return setup_error(path);
+    unsigned long flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | (devices ? 0 : MS_NODEV);
+    if (mount(NULL, target, NULL, flags, NULL) != 0) return setup_error(path);
+    return 0;
+}
+
+static int map_user(unsigned uid, unsigned gid) {
+    char map[64];
+    if (write_file("/proc/self/setgroups", "deny") != 0 && errno != ENOENT) return setup_error("setgroups");
+    snprintf(map, sizeof(map), "0 %u 1", uid);
+    if (write_file("/proc/self/uid_map", map) != 0) return setup_error("uid_map");
+    snprintf(map, sizeof(map), "0 %u 1", gid);
+    if (write_file("/proc/self/gid_map", map) != 0) return setup_error("gid_map");
+    return 0;
+}
+
+int sbx_server_setup(char **paths, int npath, int unprivileged) {
+    static const char *devices[] = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"};
+    enum { NDEV = sizeof(devices) / sizeof(devices[0]) };
+    if (npath > MAX_PATHS) return errno = E2BIG, setup_error("too many read paths");
+    unsigned uid = getuid(), gid = getgid();
+    int flags = CLONE_NEWNS | CLONE_NEWNET | (unprivileged ? CLONE_NEWUSER : 0);
+    if (unshare(flags) != 0) return setup_error("unshare(mount, net namespaces)");
+    if (unprivileged && map_user(uid, gid) != 0) return -1;
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) return setup_error("mount(/, MS_PRIVATE)");
+    int fds[MAX_PATHS + NDEV];
+    int n = 0;
+    for (int i = 0; i < npath; i++) {
+        fds[i] = open(paths[i], O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        if (fds[i] < 0 && errno != ENOENT) return setup_error(paths[i]);
+    }
+    for (int i = 0; i < NDEV; i++) fds[npath + i] = open(devices[i], O_PATH | O_CLOEXEC);
+    n = npath + NDEV;
+    if (mount("tmpfs", ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m,nr_inodes=4096") != 0)
+        return setup_error("mount(new root tmpfs)");
+    static const char *dirs[] = {ROOT "/dev", ROOT "/dev/shm", ROOT "/proc", ROOT "/tmp", ROOT "/.old"};
+    for (size_t i = 0; i < sizeof(dirs) / sizeof(dirs[0]); i++)
+        if (mkdir(dirs[i], 0755) != 0 && errno != EEXIST) return setup_error(dirs[i]);
+    for (int i = 0; i < n; i++) {
+        if (fds[i] < 0) continue;
+        const char *path = i < npath ? paths[i] : devices[i - npath];
+        if (bind_readonly(path, fds[i], i >= npath) != 0) return -1;
+        close(fds[i]);
+    }
+    static const char *links[][2] = {{"/proc/self/fd", ROOT "/dev/fd"},
+                                     {"/proc/self/fd/0", ROOT "/dev/stdin"},
+                                     {"/proc/self/fd/1", ROOT "/dev/stdout"},
+                                     {"/proc/self/fd/2", ROOT "/dev/stderr"}};
+    for (size_t i = 0; i < sizeof(links) / sizeof(links[0]); i++)
+        if (symlink(links[i][0], links[i][1]) != 0 && errno != EEXIST) return setup_error(links[i][1]);
+    if (syscall(SYS_pivot_root, ROOT, ROOT "/.old") != 0) return setup_error("pivot_root");
+    if (chdir("/") != 0) return setup_error("chdir(/)");
+    if (umount2("/.old", MNT_DETACH) != 0) return setup_error("umount(old root)");
+    if (rmdir("/.old") != 0) return setup_error("rmdir(/.old)");
+    if (mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) != 0)
+        return setup_error("remount / read-only");
+    return 0;
+}
+
+struct sbx_limits {
+    long long uid, gid;                            /* the snippet's own user; -1: stay (user namespace) */
+    long long work_bytes, shm_bytes, inodes;       /* tmpfs sizes of /tmp and /dev/shm; inodes of /tmp */
+    long long cpu, as, fsize, nproc, nofile;       /* rlimits; -1: unset */
+    int cgroup_fds[4];                             /* cgroup.procs files to join ("0": this process) */
+    int ncgroup;
+};
+
+static void set_limit(int resource, const char *name, long long value, long long hard) {
+    if (value < 0) return;
+    struct rlimit rl = {(rlim_t)value, (rlim_t)hard};
+    if (setrlimit(resource, &rl) != 0) die(name);
+}
+
+static void drop_capabilities(void) {
+    for (int cap = 0; prctl(PR_CAPBSET_READ, cap, 0, 0, 0) >= 0; cap++)
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0) die("prctl(PR_CAPBSET_DROP)");
+    struct __user_cap_header_struct head = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof(data));
+    if (syscall(SYS_capset, &head, data) != 0) die("capset");
+}
+
+void sbx_enter(const struct sbx_limits *l, char **reads, int nread) {
+    char opts[160];
+    if (unshare(CLONE_NEWNS | CLONE_NEWIPC) != 0) die("unshare(mount, IPC namespaces)");
+    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("mount(/proc)");
+    long long owner = l->uid >= 0 ? l->uid : 0, group = l->gid >= 0 ? l->gid : 0;
+    snprintf(opts, sizeof(opts), "mode=0700,uid=%lld,gid=%lld,size=%lld,nr_inodes=%lld", owner, group,
+             l->work_bytes, l->inodes);
+    if (mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts) != 0) die("mount(/tmp tmpfs)");
+    snprintf(opts, sizeof(opts), "mode=1777,size=%lld,nr_inodes=1024", l->shm_bytes);
+    if (mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts) != 0)
+        die("mount(/dev/shm tmpfs)");
+    for (int i = 0; i < l->ncgroup; i++) {
+        if (write(l->cgroup_fds[i], "0", 1) != 1) die("joining the snippet's cgroup");
+        close(l->cgroup_fds[i]);
+    }
+    if (setsid() < 0) die("setsid");
+    set_limit(RLIMIT_CORE, "RLIMIT_CORE", 0, 0);
+    set_limit(RLIMIT_CPU, "RLIMIT_CPU", l->cpu, l->cpu + 1);
+    set_limit(RLIMIT_AS, "RLIMIT_AS", l->as, l->as);
+    set_limit(RLIMIT_FSIZE, "RLIMIT_FSIZE", l->fsize, l->fsize);
+    set_limit(RLIMIT_NPROC, "RLIMIT_NPROC", l->nproc, l->nproc);
+    set_limit(RLIMIT_NOFILE, "RLIMIT_NOFILE", l->nofile, l->nofile);
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) die("prctl(PR_SET_NO_NEW_PRIVS)");
+    char *writes[] = {"/tmp", "/dev/shm", "/dev/null"};
+    apply_landlock(writes, 3, reads, nread);
+    if (l->uid >= 0) {
+        if (setgroups(0, NULL) != 0) die("setgroups");
+        if (setresgid((gid_t)l->gid, (gid_t)l->gid, (gid_t)l->gid) != 0) die("setresgid");
+        if (setresuid((uid_t)l->uid, (uid_t)l->uid, (uid_t)l->uid) != 0) die("setresuid");
+        if (setuid(0) == 0 || seteuid(0) == 0) {
+            fprintf(stderr, "sodkern-sandbox: could regain root after dropping it\n");
+            _exit(126);
+        }
+    } else {
+        drop_capabilities();
+    }
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) die("prctl(PR_SET_PDEATHSIG)");
+    apply_seccomp(0);
+}
