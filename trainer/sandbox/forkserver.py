@@ -14,6 +14,8 @@ and mount namespaces, size-capped /tmp and /dev/shm, cgroups, rlimits, Landlock,
 runs ``main.py`` in a fresh ``__main__``; when it exits, the kernel kills whatever it left running.
 """
 
+import atexit
+import builtins
 import contextlib
 import ctypes
 import gc
@@ -22,9 +24,12 @@ import os
 import select
 import socket
 import sys
+import time
+import traceback
+import types
 
 CLONE_NEWPID = 0x20000000
-WORKDIR = "/tmp/sodkern-sbx"
+WORKDIR = "/tmp/sodkern-sbx"  # on the snippet's own tmpfs; HOME and TMPDIR point here (see server.py)
 
 
 class Limits(ctypes.Structure):
@@ -61,7 +66,6 @@ def main():
     lib = ctypes.CDLL(config["lib"], use_errno=True)
     sock = socket.socket(fileno=config["fd"])
     reads = config["reads"]
-    config["pid"] = os.getpid()
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)  # /proc is gone after the setup
     mapped = vm_size()
     if lib.sbx_server_setup(c_strings(reads), len(reads), int(config["unprivileged"])) != 0:
@@ -76,10 +80,12 @@ def main():
     limits.cgroup_fds[: len(cgroups)] = cgroups
     limits.ncgroup = len(cgroups)
     c_reads = c_strings([*reads, "/proc", "/dev"])
+    atexit._clear()  # the server never exits normally: a snippet runs only its own exit functions
+    sys.stdout.reconfigure(write_through=True)  # the snippets' streams (see child)
+    sys.stderr.reconfigure(write_through=True)
     gc.collect()
     gc.freeze()  # the forks' collector never walks (and so never copies) the server's imported objects
     sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
-    serial = 0
     while True:
         try:
             message, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
@@ -92,7 +98,6 @@ def main():
                 os.close(fd)
             continue
         request = json.loads(message)
-        serial += 1
         if libc.unshare(CLONE_NEWPID) != 0:
             reply = {"error": f"unshare(CLONE_NEWPID): {os.strerror(ctypes.get_errno())}"}
             sock.send(json.dumps(reply).encode())
@@ -101,7 +106,7 @@ def main():
             continue
         pid = os.fork()
         if pid == 0:
-            child(lib, limits, c_reads, len(reads) + 2, fds, request, config, serial)
+            child(lib, limits, c_reads, len(reads) + 2, fds, request)
         libc.setns(own_pidns, CLONE_NEWPID)
         for fd in fds:
             os.close(fd)
@@ -110,8 +115,6 @@ def main():
 
 def supervise(sock, pid, timeout):
     """Wait for the snippet (PID 1 of its namespace) until it exits, times out or the caller says kill."""
-    import time
-
     pidfd = os.pidfd_open(pid)
     deadline = time.monotonic() + timeout
     reason = None
@@ -140,66 +143,30 @@ def supervise(sock, pid, timeout):
     return {"status": status, "cpu": usage.ru_utime + usage.ru_stime, "reason": reason}
 
 
-def child(lib, limits, c_reads, nread, fds, request, config, serial):
-    """The snippet's process: std streams, isolation, then main.py in a fresh __main__; never returns."""
+def child(lib, limits, c_reads, nread, fds, request):
+    """The snippet's process: std streams, isolation, then main.py in a fresh __main__; never returns.
+
+    Every page it writes is a copy of the server's, so it touches as little as it can: the server's own
+    stream objects (already on fds 0-2, write-through) and environment (the snippet's) are reused."""
     code_fd, out_fd, err_fd = fds[:3]
-    stdin_fd = fds[3] if request.get("stdin") else os.open("/dev/null", os.O_RDONLY)
+    stdin_fd = fds[3] if request["stdin"] else os.open("/dev/null", os.O_RDONLY)
     for fd, target in ((stdin_fd, 0), (out_fd, 1), (err_fd, 2)):
         os.dup2(fd, target)
     code = os.pread(code_fd, os.fstat(code_fd).st_size, 0)
     lib.sbx_enter(ctypes.byref(limits), c_reads, nread)
     os.closerange(3, 1 << 16)
-    run_snippet(code, config["env"], f"{WORKDIR}-{config['pid']}-{serial}")
-
-
-def run_snippet(code, env, workdir):
-    import atexit
-    import builtins
-    import io
-    import traceback
-    import types
-
     status = 1
     try:
-        os.mkdir(workdir, 0o700)
-        os.chdir(workdir)
-        with open("main.py", "wb") as f:
-            f.write(code)
-        os.environ.clear()
-        os.environ.update({**env, "HOME": workdir, "TMPDIR": workdir, "MPLCONFIGDIR": workdir})
-        sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.FileIO(0, "rb", closefd=False), encoding="utf-8")
-        sys.stdout = sys.__stdout__ = io.TextIOWrapper(
-            io.FileIO(1, "wb", closefd=False), encoding="utf-8", write_through=True
-        )
-        sys.stderr = sys.__stderr__ = io.TextIOWrapper(
-            io.FileIO(2, "wb", closefd=False), encoding="utf-8", errors="backslashreplace", write_through=True
-        )
-        sys.argv = ["main.py"]
-        sys.path[0:0] = [workdir]
-        builtins.exit = builtins.quit = sys.exit
-        if "numpy.random" in sys.modules:
-            sys.modules["numpy.random"].seed()
-        main = types.ModuleType("__main__")
-        main.__file__ = "main.py"
-        main.__builtins__ = builtins
-        sys.modules["__main__"] = main
-        try:
-            compiled = compile(code.decode("utf-8", errors="surrogateescape"), "main.py", "exec")
-        except (SyntaxError, ValueError) as e:
-            traceback.print_exception(type(e), e, None)
-            os._exit(1)
-        try:
-            exec(compiled, vars(main))
-            status = 0
-        except SystemExit as e:
-            status = _exit_status(e.code)
-        except BaseException as e:  # noqa: BLE001 (the snippet's own exception: reported like python main.py)
-            traceback.print_exception(type(e), e, e.__traceback__.tb_next)
-            status = 1
+        os.mkdir(WORKDIR, 0o700)
+        os.chdir(WORKDIR)
+        fd = os.open("main.py", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, code)
+        os.close(fd)
+        status = run_snippet(code)
         threading = sys.modules.get("threading")
         if threading is not None:
             threading._shutdown()
-        atexit._run_exitfuncs()
+        atexit._run_exitfuncs()  # the snippet's own (the server's were cleared)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -207,6 +174,32 @@ def run_snippet(code, env, workdir):
         with contextlib.suppress(OSError):
             os.write(2, f"sodkern-sandbox: {type(e).__name__}: {e}\n".encode(errors="replace"))
     os._exit(status)
+
+
+def run_snippet(code):
+    """Run main.py's source in a fresh __main__ as ``python main.py`` would; returns the exit status."""
+    sys.argv = ["main.py"]
+    sys.path.insert(0, WORKDIR)
+    builtins.exit = builtins.quit = sys.exit
+    if "numpy.random" in sys.modules:
+        sys.modules["numpy.random"].seed()  # random reseeds itself after fork; numpy's global state does not
+    main = types.ModuleType("__main__")
+    main.__file__ = "main.py"
+    main.__builtins__ = builtins
+    sys.modules["__main__"] = main
+    try:
+        compiled = compile(code.decode("utf-8", errors="surrogateescape"), "main.py", "exec")
+    except (SyntaxError, ValueError) as e:
+        traceback.print_exception(type(e), e, None)
+        return 1
+    try:
+        exec(compiled, vars(main))
+        return 0
+    except SystemExit as e:
+        return _exit_status(e.code)
+    except BaseException as e:  # noqa: BLE001 (the snippet's own exception: reported like python main.py)
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)
+        return 1
 
 
 def _exit_status(code):

@@ -21,6 +21,7 @@ from sodkern.trainer.sandbox import cgroups
 
 FORKSERVER = str(Path(__file__).with_name("forkserver.py"))
 JAIL_NAME = "libsodkern-sandbox-jail.so"
+WORKDIR = "/tmp/sodkern-sbx"  # a snippet's work dir, on its own tmpfs (forkserver.WORKDIR)
 UID_BASE = 1_600_000_000  # snippet uid = UID_BASE + the server's pid: owns no file, unique among live servers
 _START_TIMEOUT_S = 120.0
 _DRAIN_S = 1.0
@@ -52,8 +53,7 @@ class ForkServer:
         self.cgroup = cgroup
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = {**config, "fd": theirs.fileno(), "cgroup_fds": cgroup.fds}
-        env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-        env.update({"MKL_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2", "MPLBACKEND": "Agg"})
+        env = {**config.pop("env"), "HOME": WORKDIR, "TMPDIR": WORKDIR, "MPLCONFIGDIR": WORKDIR}  # the snippets'
         self.sock = ours
         try:
             self.proc = subprocess.Popen(

@@ -1,0 +1,152 @@
+"""Sandbox throughput: trivial snippets per second through ``run_many``, every launcher in one run.
+
+    python bench/sandbox_bench.py                       # 400 snippets x 5 rounds per launcher
+    python bench/sandbox_bench.py --snippets 100 --rounds 2 --out /tmp/sbx
+
+Launchers: the fork server (the default LocalSandbox), the per-interpreter native launcher
+(``fork_server=False``, the path before the fork server), the weak pure-Python launcher (``allow_weak=True``)
+and, when ``--fusion-url`` (or $SANDBOX_FUSION_URL) points at a running SandboxFusion server, that server.
+Each round runs ``--snippets`` snippets ``print(i)`` and checks every output; the table gives the best and the
+median round, the ratio of the median to the per-interpreter launcher's, the peak resident memory of the
+fork servers and the load average when the run started (the machine may be shared: say so when quoting).
+Results: ``<out>/sandbox_bench.{md,json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from sodkern.trainer.sandbox import LocalSandbox, SandboxFusionClient
+
+HERE = Path(__file__).resolve().parent
+
+
+def _peak_rss_mb(sandbox: LocalSandbox) -> float | None:
+    servers = list(sandbox._servers.queue) if sandbox.fork_server else []
+    total = 0
+    for server in servers:
+        try:
+            with open(f"/proc/{server.proc.pid}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            return None
+    return total / 1024 if servers else None
+
+
+def measure(name: str, make, snippets: int, rounds: int) -> dict:
+    """Rounds of ``snippets`` trivial snippets through ``run_many``; snippets/s per round and the checks."""
+    row: dict = {"launcher": name}
+    try:
+        runner = make()
+    except Exception as exc:  # noqa: BLE001 (a launcher not usable here is a row with its reason)
+        return {**row, "status": f"{type(exc).__name__}: {exc}"}
+    try:
+        codes = [f"print({i})" for i in range(snippets)]
+        runner.run_many(codes[: 2 * runner.workers])  # start every slot
+        rates, wrong = [], 0
+        for _ in range(rounds):
+            start = time.perf_counter()
+            results = runner.run_many(codes)
+            rates.append(snippets / (time.perf_counter() - start))
+            wrong += sum(r.stdout != f"{i}\n" for i, r in enumerate(results))
+        row.update(
+            status="ok" if wrong == 0 else f"{wrong} wrong outputs",
+            workers=runner.workers,
+            best=max(rates),
+            median=statistics.median(rates),
+            rounds=[round(r, 1) for r in rates],
+            peak_rss_mb=_peak_rss_mb(runner) if isinstance(runner, LocalSandbox) else None,
+        )
+    finally:
+        runner.close()
+    return row
+
+
+def write_outputs(rows: list[dict], meta: dict, out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    baseline = next((r["median"] for r in rows if r["launcher"] == "per-interpreter" and "median" in r), None)
+    lines = [
+        f"# Sandbox throughput ({meta['snippets']} trivial snippets x {meta['rounds']} rounds, run_many)",
+        "",
+        f"{meta['date']}, {meta['cpus']} CPUs, load average at start {meta['load']}, {meta['platform']}",
+        "",
+        "| launcher | workers | best snippets/s | median snippets/s | x per-interpreter | servers RSS MiB | status |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "median" not in r:
+            lines.append(f"| {r['launcher']} | | | | | | {r['status']} |")
+            continue
+        ratio = f"{r['median'] / baseline:.2f}" if baseline else ""
+        rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else ""
+        r["ratio"] = float(ratio) if ratio else None
+        lines.append(
+            f"| {r['launcher']} | {r['workers']} | {r['best']:.0f} | {r['median']:.0f} | {ratio} | {rss} | "
+            f"{r['status']} |"
+        )
+    table = "\n".join(lines) + "\n"
+    (out / "sandbox_bench.md").write_text(table)
+    (out / "sandbox_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        measured = [r for r in rows if "median" in r]
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.barh([r["launcher"] for r in measured], [r["median"] for r in measured], color="tab:blue", label="median")
+        ax.scatter([r["best"] for r in measured], [r["launcher"] for r in measured], color="k", s=12, label="best")
+        ax.axvline(500, color="tab:red", ls="--", lw=1, label="500/s")
+        ax.set_xlabel("trivial snippets / s")
+        ax.set_title(f"sandbox throughput ({meta['cpus']} CPUs, load {meta['load']})", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "sandbox_bench.png", dpi=120)
+        plt.close(fig)
+    except ImportError:
+        pass
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--snippets", type=int, default=400, help="snippets per round (default 400)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per launcher (default 5)")
+    parser.add_argument("--workers", type=int, default=None, help="run_many slots (default: the sandbox's)")
+    parser.add_argument("--fusion-url", default=os.environ.get("SANDBOX_FUSION_URL"), help="SandboxFusion URL")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "sandbox", help="output folder")
+    args = parser.parse_args(argv)
+
+    common = {"timeout": 10, "workers": args.workers}
+    launchers = {
+        "fork server": lambda: LocalSandbox(**common),
+        "per-interpreter": lambda: LocalSandbox(fork_server=False, **common),
+        "python fallback": lambda: LocalSandbox(native=False, allow_weak=True, **common),
+    }
+    if args.fusion_url:
+        launchers["SandboxFusion"] = lambda: SandboxFusionClient(args.fusion_url, workers=args.workers)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+        "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "platform": platform.platform(),
+        "snippets": args.snippets,
+        "rounds": args.rounds,
+    }
+    rows = [measure(name, make, args.snippets, args.rounds) for name, make in launchers.items()]
+    if not args.fusion_url:
+        rows.append({"launcher": "SandboxFusion", "status": "not measured: no server (--fusion-url)"})
+    print(write_outputs(rows, meta, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
