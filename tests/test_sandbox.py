@@ -78,6 +78,20 @@ def test_native_launcher_is_built_and_used(sandbox):
     assert second.stdout == first.stdout  # the next snippet starts from a fresh, empty work dir
 
 
+def test_user_namespace_path():
+    """The path a non-root trainer takes (forced here): a user namespace instead of a uid of its own."""
+    with LocalSandbox(timeout=5, workers=1, user_namespace=True) as userns:
+        assert userns.fork_server, "the fork server did not start in a user namespace (see the warning)"
+        code = (
+            "import os, socket\n"
+            f"print(os.listdir('/proc')[-1], os.path.exists({str(REPO)!r}), os.path.exists(__file__))\n"
+            f"try:\n    os.kill({os.getpid()}, 9)\nexcept OSError as e:\n    print(type(e).__name__)\n"
+            "try:\n    socket.socket()\nexcept OSError as e:\n    print(type(e).__name__)\n"
+        )
+        result = userns.run(code)
+    assert result.stdout == "1 False True\nProcessLookupError\nPermissionError\n", result
+
+
 def test_per_process_launcher_still_works():
     with LocalSandbox(timeout=5, fork_server=False, workers=2) as old:
         assert not old.fork_server and old.launcher is not None

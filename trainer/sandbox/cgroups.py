@@ -61,8 +61,11 @@ def _make(directory: str, settings: dict[str, str], group: SlotCgroup) -> None:
 
 
 def create(name: str, memory_bytes: int, max_tasks: int) -> SlotCgroup:
-    """A memory + pids cgroup ``sodkern/NAME`` with these limits, or an empty SlotCgroup where not allowed."""
+    """A memory + pids cgroup ``sodkern/NAME`` with these limits, or an empty SlotCgroup where not allowed.
+
+    NAME starts with the trainer's pid and a dash: groups left by a trainer that died are removed here."""
     group = SlotCgroup()
+    _sweep()
     try:
         if os.path.isdir(f"{ROOT}/memory") and os.path.isdir(f"{ROOT}/pids"):  # v1
             memory = {"memory.limit_in_bytes": str(memory_bytes), "memory.memsw.limit_in_bytes": str(memory_bytes)}
@@ -81,6 +84,16 @@ def create(name: str, memory_bytes: int, max_tasks: int) -> SlotCgroup:
         group.close()
         return SlotCgroup()
     return group
+
+
+def _sweep() -> None:
+    for parent in (f"{ROOT}/memory/{PARENT}", f"{ROOT}/pids/{PARENT}", f"{ROOT}/{PARENT}"):
+        with contextlib.suppress(OSError):
+            for name in os.listdir(parent):
+                owner = name.split("-", 1)[0]
+                if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(os.path.join(parent, name))
 
 
 def _read(path: str) -> str:

@@ -141,6 +141,10 @@ int sbx_server_setup(char **paths, int npath, int unprivileged) {
                                      {"/proc/self/fd/2", ROOT "/dev/stderr"}};
     for (size_t i = 0; i < sizeof(links) / sizeof(links[0]); i++)
         if (symlink(links[i][0], links[i][1]) != 0 && errno != EEXIST) return setup_error(links[i][1]);
+    /* In a user namespace a new proc may only be mounted where a fully visible one exists: keep the host's
+     * at /proc; each snippet mounts its own over it (and may not unmount it: no capability, seccomp). */
+    if (unprivileged && mount("/proc", ROOT "/proc", NULL, MS_BIND | MS_REC, NULL) != 0)
+        return setup_error("bind /proc");
     if (syscall(SYS_pivot_root, ROOT, ROOT "/.old") != 0) return setup_error("pivot_root");
     if (chdir("/") != 0) return setup_error("chdir(/)");
     if (umount2("/.old", MNT_DETACH) != 0) return setup_error("umount(old root)");

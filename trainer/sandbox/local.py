@@ -91,7 +91,8 @@ class LocalSandbox(ThreadedRunner):
     (False; SODKERN_SANDBOX_NATIVE=0). allow_weak: permit the weak Python launcher (None: the
     SODKERN_SANDBOX_ALLOW_WEAK=1 environment variable); without it, a missing launcher raises
     SandboxUnavailable. user: who runs snippets on the per-interpreter path when the trainer is root.
-    preload: modules each fork server imports once.
+    preload: modules each fork server imports once. user_namespace: fork servers in a user namespace (None:
+    when the trainer is not root; True as root runs the non-root path, e.g. to test it).
     """
 
     def __init__(
@@ -111,6 +112,7 @@ class LocalSandbox(ThreadedRunner):
         allow_weak: bool | None = None,
         user: str | int | None = "nobody",
         preload: tuple[str, ...] = PRELOAD,
+        user_namespace: bool | None = None,
     ) -> None:
         self.timeout = float(timeout)
         self.cpu_seconds = int(cpu_seconds)
@@ -122,6 +124,7 @@ class LocalSandbox(ThreadedRunner):
         self.max_shm_mb = int(max_shm_mb)
         self.workers = workers or min(64, 2 * (os.cpu_count() or 1))
         self.preload = tuple(preload)
+        self.user_namespace = os.geteuid() != 0 if user_namespace is None else bool(user_namespace)
         self._init_pool()
         self._servers: queue.LifoQueue[ForkServer] = queue.LifoQueue()
         self._nservers = 0
@@ -191,7 +194,7 @@ class LocalSandbox(ThreadedRunner):
             )
 
     def _server_config(self) -> dict:
-        root = os.geteuid() == 0
+        root = not self.user_namespace
         limits = {
             "uid": -1, "gid": -1,
             "work_bytes": self.max_workdir_mb << 20, "shm_bytes": self.max_shm_mb << 20, "inodes": 1 << 14,
