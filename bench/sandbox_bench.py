@@ -8,7 +8,12 @@ Launchers: the fork server (the default LocalSandbox), the per-interpreter nativ
 and, when ``--fusion-url`` (or $SANDBOX_FUSION_URL) points at a running SandboxFusion server, that server.
 Each round runs ``--snippets`` snippets ``print(i)`` and checks every output; the table gives the best and the
 median round, the ratio of the median to the per-interpreter launcher's, the peak resident memory of the
-fork servers and the load average when the run started (the machine may be shared: say so when quoting).
+fork servers and the load average when the run started (the machine may be shared: say so when quoting). A
+last row is the floor of any fork-per-snippet design on this machine: bare fork + exit of a process that
+imported the same modules, as many such processes as workers. CPU ms/snippet: user + system time of the
+caller, its waited children and the fork servers with their snippets, per snippet (kernel work deferred to
+kernel threads, e.g. namespace teardown, is not in it); the CPU ceiling is the CPU count divided by it: the
+rate the same work would reach on that many idle CPUs, which a shared, loaded machine cannot show directly.
 Results: ``<out>/sandbox_bench.{md,json,png}``.
 """
 
@@ -19,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -40,6 +46,18 @@ def _peak_rss_mb(sandbox: LocalSandbox) -> float | None:
     return total / 1024 if servers else None
 
 
+def _cpu_seconds(runner) -> float:
+    """CPU time of this process, its waited children (per-interpreter launchers) and the fork servers with
+    their snippets (as of now): user + system."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+    for server in list(runner._servers.queue) if getattr(runner, "fork_server", False) else []:
+        with open(f"/proc/{server.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+    return total
+
+
 def measure(name: str, make, snippets: int, rounds: int) -> dict:
     """Rounds of ``snippets`` trivial snippets through ``run_many``; snippets/s per round and the checks."""
     row: dict = {"launcher": name}
@@ -50,11 +68,12 @@ def measure(name: str, make, snippets: int, rounds: int) -> dict:
     try:
         codes = [f"print({i})" for i in range(snippets)]
         runner.run_many(codes[: 2 * runner.workers])  # start every slot
-        rates, wrong = [], 0
+        rates, cpu_ms, wrong = [], [], 0
         for _ in range(rounds):
-            start = time.perf_counter()
+            cpu, start = _cpu_seconds(runner), time.perf_counter()
             results = runner.run_many(codes)
             rates.append(snippets / (time.perf_counter() - start))
+            cpu_ms.append((_cpu_seconds(runner) - cpu) * 1000 / snippets)
             wrong += sum(r.stdout != f"{i}\n" for i, r in enumerate(results))
         row.update(
             status="ok" if wrong == 0 else f"{wrong} wrong outputs",
@@ -62,11 +81,68 @@ def measure(name: str, make, snippets: int, rounds: int) -> dict:
             best=max(rates),
             median=statistics.median(rates),
             rounds=[round(r, 1) for r in rates],
+            cpu_ms=statistics.median(cpu_ms),
+            ceiling=(os.cpu_count() or 1) * 1000 / statistics.median(cpu_ms),
             peak_rss_mb=_peak_rss_mb(runner) if isinstance(runner, LocalSandbox) else None,
         )
     finally:
         runner.close()
     return row
+
+
+FORK_FLOOR = """
+import gc, os, resource, sys, time
+for name in sys.argv[2:]:
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+gc.collect(); gc.freeze()
+def cpu():
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+n = int(sys.argv[1]); start, used = time.perf_counter(), cpu()
+for _ in range(n):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+print(n / (time.perf_counter() - start), (cpu() - used) * 1000 / n)
+"""
+
+
+def fork_floor(snippets: int, rounds: int, workers: int) -> dict:
+    """The ceiling of any fork-per-snippet design here: bare fork + exit of a process that imported what a
+    fork server preloads, one such process per worker, nothing else done per fork."""
+    import subprocess
+    import sys
+
+    from sodkern.trainer.sandbox.local import PRELOAD
+
+    rates, cpu_ms = [], []
+    for _ in range(rounds):
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", FORK_FLOOR, str(snippets // workers), *PRELOAD],
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+            for _ in range(workers)
+        ]
+        answers = [p.communicate()[0].split() for p in procs]
+        rates.append(sum(float(a[0]) for a in answers))
+        cpu_ms.append(statistics.mean(float(a[1]) for a in answers))
+    return {
+        "launcher": "fork+exit floor",
+        "status": "ok (no snippet: the fork alone)",
+        "workers": workers,
+        "best": max(rates),
+        "median": statistics.median(rates),
+        "rounds": [round(r, 1) for r in rates],
+        "cpu_ms": statistics.median(cpu_ms),
+        "ceiling": (os.cpu_count() or 1) * 1000 / statistics.median(cpu_ms),
+    }
 
 
 def write_outputs(rows: list[dict], meta: dict, out: Path) -> str:
@@ -77,19 +153,20 @@ def write_outputs(rows: list[dict], meta: dict, out: Path) -> str:
         "",
         f"{meta['date']}, {meta['cpus']} CPUs, load average at start {meta['load']}, {meta['platform']}",
         "",
-        "| launcher | workers | best snippets/s | median snippets/s | x per-interpreter | servers RSS MiB | status |",
-        "|---|---|---|---|---|---|---|",
+        "| launcher | workers | best snippets/s | median snippets/s | x per-interpreter | CPU ms/snippet "
+        f"| CPU ceiling on {meta['cpus']} idle CPUs, snippets/s | servers RSS MiB | status |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "median" not in r:
-            lines.append(f"| {r['launcher']} | | | | | | {r['status']} |")
+            lines.append(f"| {r['launcher']} | | | | | | | | {r['status']} |")
             continue
         ratio = f"{r['median'] / baseline:.2f}" if baseline else ""
         rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else ""
         r["ratio"] = float(ratio) if ratio else None
         lines.append(
-            f"| {r['launcher']} | {r['workers']} | {r['best']:.0f} | {r['median']:.0f} | {ratio} | {rss} | "
-            f"{r['status']} |"
+            f"| {r['launcher']} | {r['workers']} | {r['best']:.0f} | {r['median']:.0f} | {ratio} | "
+            f"{r['cpu_ms']:.2f} | {r['ceiling']:.0f} | {rss} | {r['status']} |"
         )
     table = "\n".join(lines) + "\n"
     (out / "sandbox_bench.md").write_text(table)
@@ -142,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
     }
     rows = [measure(name, make, args.snippets, args.rounds) for name, make in launchers.items()]
+    rows.append(fork_floor(args.snippets, args.rounds, next((r["workers"] for r in rows if "workers" in r), 4)))
     if not args.fusion_url:
         rows.append({"launcher": "SandboxFusion", "status": "not measured: no server (--fusion-url)"})
     print(write_outputs(rows, meta, args.out))

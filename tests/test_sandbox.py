@@ -36,18 +36,11 @@ from sodkern.trainer.sandbox import local as sandbox_local
 from sodkern.trainer.sandbox.cli import main as cli_main
 from sodkern.trainer.sandbox.server import UID_BASE
 
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib leaves tests/ off sys.path
+from _sandbox_procs import snippet_pids  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = os.geteuid() == 0
-
-
-def snippet_processes() -> list[int]:
-    """Pids of live processes running as a snippet's own uid (root trainer) anywhere on the host."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            if UID_BASE <= os.stat(f"/proc/{pid}").st_uid < UID_BASE + (1 << 22):
-                found.append(int(pid))
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +178,7 @@ def test_fork_bomb(sandbox):
     result = sandbox.run(code)
     assert time.monotonic() - start < 15
     assert result.limit in ("timeout", "cpu", "nproc", "output", "memory") and not result.ok
-    assert snippet_processes() == []  # every process of it is gone
+    assert snippet_pids() == []  # every process of it is gone
     assert sandbox.run("print('still fine')").stdout == "still fine\n"
 
 

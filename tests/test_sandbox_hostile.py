@@ -19,12 +19,15 @@ import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from sodkern.trainer.sandbox import LocalSandbox
 from sodkern.trainer.sandbox.cli import main as cli_main
-from sodkern.trainer.sandbox.server import UID_BASE
+
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib leaves tests/ off sys.path
+from _sandbox_procs import snippet_pids  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="victims run as nobody: needs root, as in CI")
 
@@ -40,16 +43,6 @@ def sandbox():
     ) as sb:
         assert sb.fork_server
         yield sb
-
-
-def snippet_pids() -> list[int]:
-    """Live processes running as a snippet's own uid, anywhere on the host."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            if UID_BASE <= os.stat(f"/proc/{pid}").st_uid < UID_BASE + (1 << 22):
-                found.append(int(pid))
-    return found
 
 
 def wait_for_snippet(timeout: float = 10.0) -> int:

@@ -29,6 +29,7 @@ import traceback
 import types
 
 CLONE_NEWPID = 0x20000000
+PR_SET_NAME = 15
 WORKDIR = "/tmp/sodkern-sbx"  # on the snippet's own tmpfs; HOME and TMPDIR point here (see server.py)
 
 
@@ -63,6 +64,7 @@ def main():
         with contextlib.suppress(Exception):  # an optional module that does not import here: the snippet sees
             __import__(name)
     libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, b"sodkern-sbx-srv", 0, 0, 0)  # how ps and perf show it
     lib = ctypes.CDLL(config["lib"], use_errno=True)
     sock = socket.socket(fileno=config["fd"])
     reads = config["reads"]
@@ -106,6 +108,7 @@ def main():
             continue
         pid = os.fork()
         if pid == 0:
+            libc.prctl(PR_SET_NAME, b"sodkern-snippet", 0, 0, 0)
             child(lib, limits, c_reads, len(reads) + 2, fds, request)
         libc.setns(own_pidns, CLONE_NEWPID)
         for fd in fds:

@@ -127,6 +127,7 @@ class LocalSandbox(ThreadedRunner):
         self.user_namespace = os.geteuid() != 0 if user_namespace is None else bool(user_namespace)
         self._init_pool()
         self._servers: queue.LifoQueue[ForkServer] = queue.LifoQueue()
+        self._stop_servers = weakref.finalize(self, _close_servers, self._servers)  # close() or collection
         self._nservers = 0
         self._slots = threading.Semaphore(self.workers)
         self._server_lock = threading.Lock()
@@ -303,11 +304,7 @@ class LocalSandbox(ThreadedRunner):
     def close(self) -> None:
         """Stop the worker threads and the fork servers, release the interpreter descriptors."""
         self._close_pool()
-        while True:
-            try:
-                self._servers.get_nowait().close()
-            except queue.Empty:
-                break
+        self._stop_servers()
         self._release()
 
     def __enter__(self) -> LocalSandbox:
@@ -465,6 +462,14 @@ def _await_exit(pid: int, pidfd: int | None, timeout: float) -> None:
 def _kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+def _close_servers(servers: queue.Queue) -> None:
+    while True:
+        try:
+            servers.get_nowait().close()
+        except queue.Empty:
+            return
 
 
 def _close_fds(fds: list[int]) -> None:
