@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_weak=True if args.python_launcher else None,
         )
     except SandboxUnavailable as exc:
-        print(f"sodkern sandbox: error: {exc}", file=sys.stderr)
+        print(exc, file=sys.stderr)
         return 2
     with sandbox:
         result = sandbox.run(code if args.raw else prepare_code(code), stdin)

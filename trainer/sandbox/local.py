@@ -143,11 +143,18 @@ class LocalSandbox(ThreadedRunner):
         if self.launcher and not self.features.get("seccomp"):
             self.launcher = None
         if self.launcher is None and not allow_weak:
-            why = "was not asked for (native=False / SODKERN_SANDBOX_NATIVE=0)" if not native else "is not built"
+            weak = (
+                f"set {ALLOW_WEAK_ENV}=1 (LocalSandbox(allow_weak=True)) to run snippets under the weak "
+                "pure-Python launcher (no network isolation)"
+            )
+            if not native:
+                fix = "use the native one (native=None, SODKERN_SANDBOX_NATIVE unset) or " + weak
+                raise SandboxUnavailable(
+                    f"sodkern sandbox: the Python launcher was asked for without allow_weak: {fix}"
+                )
             raise SandboxUnavailable(
-                f"sodkern sandbox: the native launcher {LAUNCHER_NAME} {why}: build it with a C compiler and "
-                f"`pip install --no-build-isolation -e .`, or set {ALLOW_WEAK_ENV}=1 (LocalSandbox(allow_weak="
-                "True)) to run snippets under the weak pure-Python launcher (no network isolation)"
+                f"sodkern sandbox: the native launcher {LAUNCHER_NAME} is not built: build it with a C compiler and "
+                f"`pip install --no-build-isolation -e .`, or {weak}"
             )
         self._python_setup()
         self.jail = find_jail() if self.launcher is not None and fork_server else None
