@@ -148,18 +148,36 @@ def _torch_bwd(
     weight: torch.Tensor,
     targets: torch.Tensor,
     lse: torch.Tensor,
-    grad_logp: torch.Tensor,
+    grad_logp: torch.Tensor | None,
     inv_temperature: float,
     need_hidden: bool,
     need_weight: bool,
+    entropy: torch.Tensor | None = None,
+    grad_entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Chunked torch backward: recompute each logits block, ``dz = g * (onehot - p) / T``, two matmuls."""
+    """Chunked torch backward: recompute each logits block, then
+    ``dz = (g * (onehot - p) - g_ent * p * (log p + entropy)) / T`` and two matmuls.
+
+    ``grad_logp`` / ``grad_entropy``: ``[N]`` upstream gradients, either may be None (no gradient);
+    ``entropy`` ``[N]`` (the forward's) is needed with ``grad_entropy``.
+    """
     idx = targets.long()
-    g = grad_logp.to(acc_dtype(hidden.dtype)) * inv_temperature
+    acc = acc_dtype(hidden.dtype)
+    g = grad_logp.to(acc) * inv_temperature if grad_logp is not None else None
+    ge = grad_entropy.to(acc) * inv_temperature if grad_entropy is not None else None
 
     def chunk_dz(rows: slice, h_c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        dz = chunk_logits(h_c, w, inv_temperature).sub_(lse[rows, None]).exp_()  # p
-        return dz.mul_(-g[rows, None]).scatter_add_(1, idx[rows, None], g[rows, None])
+        log_p = chunk_logits(h_c, w, inv_temperature).sub_(lse[rows, None])
+        p = log_p.exp()
+        if ge is None:
+            dz = p.mul_(-g[rows, None])
+        else:  # dH/dz_j = -p_j (log p_j + H)
+            dz = log_p.add_(entropy[rows, None]).mul_(p).mul_(-ge[rows, None])
+            if g is not None:
+                dz.addcmul_(p, g[rows, None], value=-1.0)
+        if g is not None:
+            dz.scatter_add_(1, idx[rows, None], g[rows, None])
+        return dz
 
     return chunked_head_grads(hidden, weight, need_hidden, need_weight, chunk_dz)
 
@@ -182,8 +200,9 @@ def _forward(
 class LinearLogprobsFunction(torch.autograd.Function):
     """Autograd wrapper on flattened inputs: ``hidden [N, H]``, ``weight [V, H]``, ``targets [N]``.
 
-    Saves ``hidden``, ``weight``, ``targets`` and the per-token ``lse [N]`` (not the logits); the backward
-    pass recomputes the logits block by block. The entropy output carries no gradient.
+    Saves ``hidden``, ``weight``, ``targets``, the per-token ``lse [N]`` and, with the entropy, the entropy
+    ``[N]`` (not the logits); the backward pass recomputes the logits block by block. Both outputs are
+    differentiable; an output that receives no gradient costs nothing in the backward.
     """
 
     @staticmethod
@@ -196,23 +215,28 @@ class LinearLogprobsFunction(torch.autograd.Function):
         entropy: bool,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         logp, lse, ent = _forward(hidden, weight, targets, inv_temperature, entropy)
-        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.save_for_backward(hidden, weight, targets, lse, ent)
         ctx.inv_temperature = inv_temperature
-        if ent is None:
-            return logp
-        ctx.mark_non_differentiable(ent)
-        return logp, ent
+        ctx.set_materialize_grads(False)
+        return logp if ent is None else (logp, ent)
 
     @staticmethod
-    def backward(ctx, grad_logp: torch.Tensor, *_grad_entropy: torch.Tensor):
-        hidden, weight, targets, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None = None):
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None
         if use_triton(hidden, weight):
             bwd = linear_logprobs_bwd
-            grad_logp = grad_logp.float().contiguous()
+            grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous()
+            if grad_entropy is not None:
+                grad_entropy = grad_entropy.float().contiguous()
         else:
             bwd = _torch_bwd
-        gh, gw = bwd(hidden, weight, targets, lse, grad_logp, ctx.inv_temperature, need_hidden, need_weight)
+        gh, gw = bwd(
+            hidden, weight, targets, lse, grad_logp, ctx.inv_temperature, need_hidden, need_weight,
+            ent, grad_entropy,
+        )  # fmt: skip
         return gh, gw, None, None, None
 
 
@@ -236,12 +260,13 @@ def linear_logprobs(
         weight: ``[V, H]`` lm-head weight, same dtype and device as ``hidden``.
         targets: ``[...]`` (``hidden.shape[:-1]``) int64 or int32 token ids in ``[0, V)``.
         temperature: positive; logits are divided by it.
-        return_entropy: also return the full-vocabulary entropy of ``softmax(logits / temperature)``.
+        return_entropy: also return the full-vocabulary entropy of ``softmax(logits / temperature)``,
+            differentiable too (``dH/dz_j = -p_j (log p_j + H)``, e.g. for an entropy bonus).
 
     Returns:
         ``logp`` ``[...]`` float32 (float64 for fp64 inputs), differentiable w.r.t. ``hidden`` and
         ``weight``; with ``return_entropy=True`` the tuple ``(logp, entropy)``, where ``entropy`` ``[...]``
-        (same dtype) is returned without gradient (a constant for autograd).
+        (same dtype) is differentiable w.r.t. ``hidden`` and ``weight`` as well.
 
     Raises:
         ValueError: naming the argument, for a non-float ``hidden``/``weight``, mismatched shapes, dtypes or
