@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import sodkern.ops.linear_logprobs as ops
-from sodkern.ops.linear_logprobs import linear_logprobs, token_chunk_size
+import sodkern.ops._torch as ops
+from sodkern.ops._torch import token_chunk_size
+from sodkern.ops.linear_logprobs import linear_logprobs
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib leaves tests/ off sys.path
 from _linear_ref import LargestTensor, assert_grad_close  # noqa: E402
@@ -189,8 +190,9 @@ _RSS_SCRIPT = textwrap.dedent(
     import os, resource, sys
     os.environ["SODKERN_BACKEND"] = "torch"
     import torch
+    import sodkern.ops._torch as helpers
     import sodkern.ops.linear_logprobs as ops
-    ops._CHUNK_ELEMENTS = 1 << 20
+    helpers._CHUNK_ELEMENTS = 1 << 20
     torch.manual_seed(0)
     V, H = 8192, 32
     w = (torch.randn(V, H) * 0.3).requires_grad_()
