@@ -9,24 +9,43 @@ Per data source (and over all problems):
 - mean tool calls, mean response length (tokens), finish reasons.
 
 Writes ``metrics.json`` and ``samples.jsonl`` (one line per sample) to ``--output-dir`` and prints a table.
+
+The trainer's held-out evaluation (verl's ``test_freq`` / ``val_before_train``) is :func:`evaluate_student`:
+with ``eval.files`` set, it samples ``eval.n`` responses per held-out problem with the rollout engine (the
+student's current weights, ``eval.temperature`` / ``eval.top_p``), scores them with the outcome reward
+(correctness only: no overlong penalty or tool shaping) and logs :func:`summarize`'s metrics as
+``val/average@n``, ``val/pass@n``, ``val/maj@n``, ``val/mean_tool_calls``, ``val/mean_response_tokens`` (and
+``val/SOURCE/...`` per data source when there are several) in the step's row of ``metrics.jsonl``; the
+samples go to ``val_samples.jsonl`` (one line each, with the step). It runs every ``eval.every`` steps, after
+the last step, and before the first when ``eval.before_train`` (logged as step 0). Each rank evaluates its
+share of the problems; the metrics are over all of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import math
 import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sodkern.trainer.rollout.loop import RolloutConfig, Trajectory
+from sodkern.trainer.rollout.loop import RolloutParams, Trajectory
 from sodkern.trainer.tasks.data import Problem, load_problems
+
+if TYPE_CHECKING:
+    from sodkern.trainer.rl import RLWorker
+
+log = logging.getLogger("sodkern.eval")
+
+VAL_SAMPLES_FILE = "val_samples.jsonl"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -155,7 +174,7 @@ def sample_row(t: Trajectory, data_source: str, **extra: Any) -> dict[str, Any]:
 def sample_and_score(
     model_path: str | Path,
     problems: Sequence[Problem],
-    config: RolloutConfig,
+    config: RolloutParams,
     *,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -198,6 +217,52 @@ def write_results(
         f.writelines(json.dumps(sample_row(t, sources[t.uid]), ensure_ascii=False) + "\n" for t in trajectories)
 
 
+def evaluate_student(worker: RLWorker, problems: list[Problem], step: int, run_dir: Path) -> dict[str, float]:
+    """The trainer's held-out evaluation (see the module docstring): sample, score and summarise ``problems``
+    with the current student; returns the ``val/...`` metrics (and ``time/eval``).
+
+    Args:
+        worker: the run's :class:`sodkern.trainer.rl.RLWorker` (its engine, chat format, tool and config).
+        problems: the held-out problems (all of them; every rank gets the same list).
+        step: the training step the student has finished (0: before training).
+        run_dir: the run folder (rank 0 appends the samples to ``val_samples.jsonl`` there).
+    """
+    import torch.distributed as dist
+
+    from sodkern.trainer.rollout.loop import rollout, score_trajectories
+
+    cfg, d = worker.cfg, worker.d
+    started = time.perf_counter()
+    params = dataclasses.replace(
+        worker.rollout_params, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p
+    )
+    local = problems[d.rank :: d.world_size]
+    worker.sync_engine()
+    trajs = rollout(local, worker.engine, worker.chat, worker.tool, params) if local else []
+    worker.release_engine()
+    score_trajectories(
+        trajs, local, max_response_tokens=cfg.rollout.max_response_tokens, sandbox=worker.sandbox,
+        overlong_penalty=False, tool_shaping=False, reward_fn=cfg.rollout.reward_fn or None,
+    )  # fmt: skip
+    gathered: list = [None] * d.world_size
+    dist.all_gather_object(gathered, trajs)
+    trajs = [t for part in gathered for t in part]
+    summary = summarize(problems, trajs, [cfg.eval.n])
+    metrics: dict[str, float] = {}
+    keys = [f"average@{cfg.eval.n}", f"pass@{cfg.eval.n}", f"maj@{cfg.eval.n}", "mean_tool_calls",
+            "mean_response_tokens"]  # fmt: skip
+    for source, row in summary.items():
+        if source == "all" or len(summary) > 2:  # "all" plus one source: the same numbers twice
+            prefix = "val/" if source == "all" else f"val/{source}/"
+            metrics.update({prefix + k: float(row[k]) for k in keys})
+    metrics["time/eval"] = time.perf_counter() - started
+    if d.is_main:
+        sources = {p.uid: p.data_source for p in problems}
+        with open(run_dir / VAL_SAMPLES_FILE, "a") as f:
+            f.writelines(json.dumps(sample_row(t, sources[t.uid], step=step)) + "\n" for t in trajs)
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     ks = args.k or [args.n]
@@ -222,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     repeated = [uid for uid, count in Counter(p.uid for p in problems).items() if count > 1]
     if repeated:
         raise SystemExit(f"sodkern eval: problem uids must be unique; repeated: {repeated[:5]}")
-    config = RolloutConfig(
+    config = RolloutParams(
         n=args.n,
         max_turns=args.max_turns,
         max_response_tokens=args.max_response_tokens,

@@ -28,6 +28,7 @@ from transformers import AutoTokenizer
 
 from sodkern.trainer import checkpoint as ckpt
 from sodkern.trainer.config import Config, config_dict, load_config, save_config
+from sodkern.trainer.eval import VAL_SAMPLES_FILE, evaluate_student
 from sodkern.trainer.metrics import METRICS_FILE, STEPS_FILE, MetricsLogger, truncate_after
 from sodkern.trainer.packing import pack, pad_to_common_count
 from sodkern.trainer.parallel import CausalLM, Dist, compute_dtype, init_distributed, load_causal_lm, shard
@@ -35,7 +36,6 @@ from sodkern.trainer.rl import RLWorker
 from sodkern.trainer.rollout.chat import ChatFormat
 from sodkern.trainer.sft import render_sft, sft_loss
 from sodkern.trainer.tasks.data import load_problems, load_sft
-from sodkern.trainer.validation import VAL_SAMPLES_FILE, evaluate_student
 
 
 class NonFiniteError(RuntimeError):
