@@ -150,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         help="JSON chat-template variables, e.g. '{\"enable_thinking\": false}'",
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (or SODKERN_DEBUG=1)")
     return ap
 
 
@@ -264,14 +265,25 @@ def evaluate_student(worker: RLWorker, problems: list[Problem], step: int, run_d
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sodkern.trainer.cli import configure_logging, debug_enabled, exit_on_user_error
+
     args = _parser().parse_args(argv)
+    debug = debug_enabled(args.debug)
+    configure_logging(debug)
+    return exit_on_user_error("sodkern eval", lambda: evaluate(args), debug=debug)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``sodkern eval`` with parsed arguments: sample, score, summarise, write and print."""
+    from sodkern.trainer.cli import UserError
+
     ks = args.k or [args.n]
     if args.n < 1 or any(not 1 <= k <= args.n for k in ks):
-        raise SystemExit(f"sodkern eval: --n must be >= 1 and every --k in 1..n (n={args.n}, k={ks})")
+        raise UserError(f"--n must be >= 1 and every --k in 1..n (n={args.n}, k={ks})")
     try:
         template_kwargs = json.loads(args.template_kwargs)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"sodkern eval: --template-kwargs is not valid JSON: {e}") from None
+        raise UserError(f"--template-kwargs is not valid JSON: {e}") from None
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -279,14 +291,19 @@ def main(argv: list[str] | None = None) -> int:
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
 
+    if not (Path(args.model) / "config.json").exists():
+        raise UserError(f"--model {args.model}: not a Hugging Face model folder (no config.json there)")
     problems: list[Problem] = []
     for path in args.data:
-        problems += list(load_problems(path))[: args.limit]
+        try:
+            problems += list(load_problems(path))[: args.limit]
+        except (ValueError, OSError) as e:  # a missing file or a bad row, named by the loader
+            raise UserError(str(e)) from e
     if not problems:
-        raise SystemExit(f"sodkern eval: no problems in {' '.join(args.data)}")
+        raise UserError(f"--data: no problems in {' '.join(args.data)}")
     repeated = [uid for uid, count in Counter(p.uid for p in problems).items() if count > 1]
     if repeated:
-        raise SystemExit(f"sodkern eval: problem uids must be unique; repeated: {repeated[:5]}")
+        raise UserError(f"--data: problem uids must be unique; repeated: {repeated[:5]}")
     config = RolloutParams(
         n=args.n,
         max_turns=args.max_turns,
@@ -296,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         top_k=args.top_k,
         progress=not args.no_progress,
     )
+    log.info("sampling %d problem(s) x %d with %s on %s", len(problems), args.n, args.model, device)
     trajectories, seconds = sample_and_score(args.model, problems, config, device=device, dtype=dtype,
                                              batch_size=args.batch_size, template_kwargs=template_kwargs)  # fmt: skip
     metrics = summarize(problems, trajectories, ks)
@@ -304,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     write_results(out, problems, trajectories, metrics, run)
     print_table(metrics, ks)
-    print(f"wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")
+    log.info("wrote %s and %s", out / "metrics.json", out / "samples.jsonl")
     return 0
 
 

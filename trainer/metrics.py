@@ -124,6 +124,25 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+# the scalars of the one-line progress report, in order, when the step has them
+PROGRESS_KEYS = (("loss", "loss", "{:.4f}"), ("reward/mean", "reward", "{:.3f}"), ("accuracy", "accuracy", "{:.3f}"),
+                 ("mean_w", "mean_w", "{:.3f}"), ("val/", "", ""), ("grad_norm", "grad_norm", "{:.3g}"),
+                 ("skipped", "skipped", "{:.0f}"), ("time/step", "s/step", "{:.1f}"))  # fmt: skip
+
+
+def progress_line(step: int, steps: int, metrics: dict[str, float], *, eta_s: float) -> str:
+    """One line per training step for the log, e.g. ``step 3/200 loss 0.1234 reward -0.250 ... eta 12.5 min``;
+    ``val/average@n`` and friends when the step evaluated."""
+    parts = [f"step {step}/{steps}"]
+    for key, label, fmt in PROGRESS_KEYS:
+        if key == "val/":
+            parts += [f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("val/") and k.count("/") == 1]
+        elif isinstance(metrics.get(key), (int, float)):
+            parts.append(f"{label} {fmt.format(metrics[key])}")
+    parts.append(f"eta {eta_s / 60:.1f} min")
+    return "  ".join(parts)
+
+
 def truncate_after(path: str | Path, step: int) -> None:
     """Drop the lines of a JSONL log whose ``step`` is after ``step`` (on resume: those steps run again)."""
     path = Path(path)
