@@ -29,7 +29,7 @@ def test_pack_budget_and_scatter_split_roundtrip():
 
 def test_packed_logprobs_match_unpacked(world, tiny_path):
     """SDPA on a packed row keeps sequences apart (block-diagonal mask from the position ids)."""
-    from sodkern.ops.linear_logprobs import linear_logprobs
+    from sodkern import linear_logprobs
     from sodkern.trainer.parallel import CausalLM, load_causal_lm, shard
 
     model = shard(CausalLM(load_causal_lm(str(tiny_path), device=world.device, dtype=torch.float32)), world.mesh,

@@ -231,6 +231,7 @@ class RLWorker:
         metrics, steps = self.update(batch, old_logp, teacher_logp, advantages.to(self.d.device), optimizer_step)
         updated = time.perf_counter()
 
+        # the logs: one record per trajectory (every rank's, for steps.jsonl) and the step's metrics
         local = [trajectory_record(t, old_logp[i], steps[i]) for i, t in enumerate(trajs)]
         gathered: list = [None] * self.d.world_size
         dist.all_gather_object(gathered, local)

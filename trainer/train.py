@@ -6,12 +6,12 @@
 
 One RL step, file by file (:meth:`Trainer.fit` calls :meth:`sodkern.trainer.rl.RLWorker.step` once per step):
 
-- ``train.py``   the loop: a batch of prompts per rank, the step, the optimizer step it is handed
+- ``train.py``: the loop: a batch of prompts per rank, the step, the optimizer step it is handed
   (:meth:`Trainer.optimizer_step`), metrics, checkpoints;
-- ``rl.py``      the step's phases: sync the engine, roll out, score, old log-probs (recomputed by the FSDP
+- ``rl.py``: the step's phases: sync the engine, roll out, score, old log-probs (recomputed by the FSDP
   student), teacher log-probs, advantages, update with ``sod_loss`` per trajectory;
-- ``rollout/loop.py`` (multi-turn sampling with the code interpreter, and the rewards) on
-  ``rollout/hf_engine.py`` or ``rollout/vllm_engine.py``; ``tasks/rewards.py`` scores;
+- ``rollout/loop.py``: multi-turn sampling with the code interpreter on ``rollout/hf_engine.py`` or
+  ``rollout/vllm_engine.py``, and scoring with ``tasks/rewards.py``;
 - ``advantages.py`` GRPO advantages; ``packing.py`` packed micro-batches; ``parallel.py`` FSDP2 and the fused
   head (``CausalLM``); ``sodkern.sod_loss`` the objective (``sodkern/ops/sod_loss.py``);
 - ``metrics.py`` the step's metrics and logs; ``checkpoint.py`` save / resume / export.
