@@ -50,7 +50,7 @@ def test_non_finite_updates_are_skipped_then_stop(world, tiny_path, tmp_path):
     assert [m["skipped"] for m in logged] == [1.0, 1.0]
 
 
-def test_sodkern_train_one_process(world, tiny_path, tmp_path):
+def test_sodkern_train_one_process(world, tiny_path, tmp_path, capfd):
     """``sodkern train`` (one process) runs SFT, saves the config, a checkpoint and a loadable HF export."""
     from transformers import AutoModelForCausalLM
 
@@ -61,6 +61,8 @@ def test_sodkern_train_one_process(world, tiny_path, tmp_path):
             f"output_dir={run}",
             f"data.train_files=[{SFT_DATA}]", "train.steps=1"]  # fmt: skip
     assert cli_main(args) == 0
+    log = capfd.readouterr().err  # progress lines go to stderr as lines, terminal or not
+    assert "sodkern INFO step 1/1  loss " in log and "saved checkpoint" in log and "exported the student" in log
     assert dist.is_initialized()  # the caller's process group is left alone
     assert load_config(run / "config.yaml").train.steps == 1
     (metrics,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

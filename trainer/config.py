@@ -2,8 +2,10 @@
 
 ``load_config(path, overrides)`` reads a YAML file whose sections mirror :class:`Config`, applies the
 command-line overrides (values parsed as YAML: ``3``, ``1e-6``, ``true``, ``[a.parquet, b.parquet]``), checks
-every key and type, and validates the combination. ``save_config`` writes the resolved config beside a run.
-Defaults are the authors' recipe. ``sodkern train --print-config`` lists every key with its value and meaning.
+every key and type (:class:`ConfigError` names the key). :meth:`Config.validate` checks the combination and
+:meth:`Config.check_files` the model folders and data files; ``save_config`` writes the resolved config beside
+a run. Each field is defined with its meaning (:func:`option`); the defaults are the authors' recipe, and
+``sodkern train --print-config`` lists every key with its value and meaning.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from typing import Any, Literal
 
 import yaml
 
-ALGORITHMS = ("sft", "grpo", "opd", "sod", "opsd_gt", "opsd_hint")
 Algorithm = Literal["sft", "grpo", "opd", "sod", "opsd_gt", "opsd_hint"]
 
 
