@@ -147,7 +147,6 @@ class RLWorker:
             self.engine = HFEngine(self.engine_model, pad_token_id=pad)
         self.sandbox = LocalSandbox(timeout=cfg.rollout.tool_timeout_s)
         self.tool = CodeInterpreter(self.sandbox)
-        r = cfg.rollout
         self.rollout_params = ro.RolloutParams(
             n=r.n, max_turns=r.max_turns, max_response_tokens=r.max_response_tokens, temperature=r.temperature,
             top_p=r.top_p, progress=False,
@@ -163,7 +162,7 @@ class RLWorker:
                                attn_implementation=cfg.student.attn_implementation)  # fmt: skip
             if t.config.vocab_size != model.model.config.vocab_size:
                 raise ValueError(
-                    f"teacher {cfg.teacher.path} has vocab_size {t.config.vocab_size} but the student has "
+                    f"teacher.path={cfg.teacher.path} has vocab_size {t.config.vocab_size} but the student has "
                     f"{model.model.config.vocab_size}: the teacher must share the student's tokenizer"
                 )
             t.requires_grad_(False)
