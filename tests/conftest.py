@@ -43,3 +43,28 @@ def backend(request, monkeypatch):
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+# ------------------------------------------------------------------------------------------ trainer fixtures
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A world of one process (gloo on CPU), destroyed after the module if this fixture created it."""
+    import torch.distributed as dist
+
+    from sodkern.trainer.parallel import init_distributed
+
+    created = not dist.is_initialized()
+    d = init_distributed()
+    yield d
+    if created:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    """The folder of a tiny random Qwen3 student (config, safetensors, tokenizer)."""
+    from sodkern.trainer.demo.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "student", seed=0)

@@ -9,7 +9,7 @@ from sodkern.trainer.rollout.chat import ChatFormat
 from sodkern.trainer.rollout.hf_engine import HFEngine
 from sodkern.trainer.rollout.loop import (
     Completion,
-    RolloutConfig,
+    RolloutParams,
     SamplingParams,
     mask_spans,
     rollout,
@@ -88,7 +88,7 @@ def test_multi_turn_with_real_tool_calls(tok, chat, tool):
         "Both ran. The answer is \\boxed{4}.<|im_end|>",
     ]
     engine = ScriptedEngine(chat, [p], {"p0": turns})
-    [t] = rollout([p], engine, chat, tool, RolloutConfig(max_response_tokens=400, progress=False))
+    [t] = rollout([p], engine, chat, tool, RolloutParams(max_response_tokens=400, progress=False))
     assert (t.finish_reason, t.num_turns, t.num_tool_calls) == ("eos", 3, 2)
     turn_ids = [chat.encode(s) for s in turns]
     obs = [chat.observation_ids(p.messages, out, ids) for out, ids in (("4", turn_ids[0]), ("21", turn_ids[1]))]
@@ -116,7 +116,7 @@ def test_malformed_call_gets_an_error_observation(chat, tool):
     p = problem("p1", "What is 2 + 2?")
     turns = ['<tool_call>{"name": "code_interpreter", "arguments": {"code": 1</tool_call>', "\\boxed{5}<|im_end|>"]
     engine = ScriptedEngine(chat, [p], {"p1": turns})
-    [t] = rollout([p], engine, chat, tool, RolloutConfig(max_response_tokens=400, progress=False))
+    [t] = rollout([p], engine, chat, tool, RolloutParams(max_response_tokens=400, progress=False))
     assert (t.finish_reason, t.num_turns, t.num_tool_calls) == ("eos", 2, 1)
     assert "<tool_response>\nError: the tool call is not valid JSON" in t.text
     check_invariants(t, 400)
@@ -129,7 +129,7 @@ def test_n_samples_max_turns_and_length(chat, tool):
     problems = [problem("loop", "Loop?"), problem("short", "Short?")]
     scripts = {"loop": forever, "short": ["\\boxed{4}<|im_end|>"]}
     engine = ScriptedEngine(chat, problems, scripts)
-    config = RolloutConfig(n=3, max_turns=3, max_response_tokens=2000, progress=False)
+    config = RolloutParams(n=3, max_turns=3, max_response_tokens=2000, progress=False)
     out = rollout(problems, engine, chat, tool, config)
     assert [(t.uid, t.sample_index) for t in out] == [(u, i) for u in ("loop", "short") for i in range(3)]
     for t in out[:3]:
@@ -143,7 +143,7 @@ def test_n_samples_max_turns_and_length(chat, tool):
     first = len(chat.encode(forever[0]))
     obs = len(chat.observation_ids(problems[0].messages, "1", chat.encode(forever[0])))
     for budget in (first - 3, first + obs, first + obs + 5):
-        [t] = rollout(problems[:1], engine, chat, tool, RolloutConfig(max_response_tokens=budget, progress=False))
+        [t] = rollout(problems[:1], engine, chat, tool, RolloutParams(max_response_tokens=budget, progress=False))
         assert t.finish_reason == "length" and len(t.response_ids) <= budget
         check_invariants(t, budget)
     assert len(t.response_ids) == first + obs + 5  # the last turn was cut at the budget
@@ -159,7 +159,7 @@ def test_hf_engine_logprobs_match_a_teacher_forced_forward(tok, chat, tool):
     engine = HFEngine(model, pad_token_id=tok.pad_token_id, max_batch_size=3)
     problems = [problem("a", "Hi"), problem("b", "What is the sum of the first 100 positive integers?")]
     torch.manual_seed(0)
-    config = RolloutConfig(
+    config = RolloutParams(
         n=2, max_turns=3, max_response_tokens=200, temperature=0.7, top_p=0.8, top_k=40, progress=False
     )
     out = rollout(problems, engine, chat, tool, config)
@@ -203,4 +203,4 @@ def test_hf_engine_stops_at_the_first_stop_token(tok):
 
 def test_bad_config(chat, tool):
     with pytest.raises(ValueError, match="max_turns"):
-        rollout([], ScriptedEngine(chat, [], {}), chat, tool, RolloutConfig(max_turns=0))
+        rollout([], ScriptedEngine(chat, [], {}), chat, tool, RolloutParams(max_turns=0))

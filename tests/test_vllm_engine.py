@@ -12,7 +12,7 @@ vllm = pytest.importorskip("vllm")
 
 from sodkern.trainer.demo.tiny import save_tiny, tiny_qwen3, tiny_tokenizer  # noqa: E402
 from sodkern.trainer.rollout.chat import ChatFormat  # noqa: E402
-from sodkern.trainer.rollout.loop import RolloutConfig, SamplingParams, mask_spans, rollout  # noqa: E402
+from sodkern.trainer.rollout.loop import RolloutParams, SamplingParams, mask_spans, rollout  # noqa: E402
 from sodkern.trainer.rollout.vllm_async import rollout_async  # noqa: E402
 from sodkern.trainer.rollout.vllm_engine import VLLMEngine  # noqa: E402
 from sodkern.trainer.sandbox import CodeInterpreter  # noqa: E402
@@ -170,7 +170,7 @@ def test_multi_turn_rollouts_with_tool_calls(engine, tool_caller, chat, script):
     _, turn, obs, answer = script
     tool = CodeInterpreter()
     problems = [Problem("p", "test_math", "math", QUESTION, "4")]
-    greedy = RolloutConfig(n=2, max_turns=4, max_response_tokens=300, temperature=0, progress=False)
+    greedy = RolloutParams(n=2, max_turns=4, max_response_tokens=300, temperature=0, progress=False)
     sync = rollout(problems, engine, chat, tool, greedy)
     overlapped = rollout_async(problems, engine, chat, tool, greedy)
     for t in sync + overlapped:
@@ -184,7 +184,7 @@ def test_multi_turn_rollouts_with_tool_calls(engine, tool_caller, chat, script):
 
     # sampled, several trajectories in flight: the log-probs over the mask are the HF model's
     torch.manual_seed(0)
-    config = RolloutConfig(n=3, max_turns=3, max_response_tokens=120, temperature=0.9, progress=False)
+    config = RolloutParams(n=3, max_turns=3, max_response_tokens=120, temperature=0.9, progress=False)
     out = rollout_async(
         [*problems, Problem("q", "test_math", "math", [{"role": "user", "content": "What is 3 + 5?"}], "8")],
         engine,
@@ -228,7 +228,7 @@ def test_generation_goes_on_while_tools_run(engine, tool_caller, chat, monkeypat
         Problem("tool", "test_math", "math", QUESTION, "4"),
         Problem("hi", "test_math", "math", GREETING, "hello"),
     ]
-    config = RolloutConfig(n=1, max_turns=3, max_response_tokens=200, temperature=0, progress=False)
+    config = RolloutParams(n=1, max_turns=3, max_response_tokens=200, temperature=0, progress=False)
     reply = chat.encode(REPLY)
     for loop, overlapping in ((rollout, 0), (rollout_async, 5)):
         tool = SlowTool()

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load
 
+from sodkern.trainer.metrics import logprob_mismatch
 from sodkern.trainer.rollout.vllm_engine import (
     VLLMEngine,
     encode_tensors,
     import_vllm,
-    logprob_mismatch,
     weight_buckets,
 )
 from sodkern.trainer.rollout.vllm_server import RemoteTeacher, VLLMServerEngine

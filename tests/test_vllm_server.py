@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from sodkern import linear_logprobs  # noqa: E402
 from sodkern.trainer.demo.tiny import save_tiny, tiny_qwen3, tiny_tokenizer  # noqa: E402
 from sodkern.trainer.rollout.chat import ChatFormat  # noqa: E402
-from sodkern.trainer.rollout.loop import RolloutConfig, SamplingParams, mask_spans, rollout  # noqa: E402
+from sodkern.trainer.rollout.loop import RolloutParams, SamplingParams, mask_spans, rollout  # noqa: E402
 from sodkern.trainer.rollout.vllm_engine import WORKER_EXTENSION  # noqa: E402
 from sodkern.trainer.rollout.vllm_server import RemoteTeacher, VLLMServerEngine  # noqa: E402
 from sodkern.trainer.sandbox import CodeInterpreter  # noqa: E402
@@ -139,7 +139,7 @@ def test_server_engine_rollouts_and_weight_push(server, hf, model_dir):
         # the multi-turn loop on the server engine: the same trajectory contract
         chat = ChatFormat(tok)
         problems = [Problem("p", "test_math", "math", [{"role": "user", "content": "Hi"}], "4")]
-        config = RolloutConfig(n=2, max_turns=2, max_response_tokens=40, progress=False)
+        config = RolloutParams(n=2, max_turns=2, max_response_tokens=40, progress=False)
         for t in rollout(problems, engine, chat, CodeInterpreter(), config):
             assert len(t.response_ids) == len(t.response_mask) == len(t.logprobs) <= 40
             assert t.spans == mask_spans(t.response_mask) and len(t.spans) == t.num_turns >= 1

@@ -1,7 +1,7 @@
 """GRPO advantages: each trajectory's outcome reward normalised within the group of responses to its prompt.
 
 ``A_i = (r_i - mean(r_group)) / (std(r_group) + eps)`` with the unbiased std; a group of one gets mean 0 and
-std 1 (SOD.md §2 step 4, as in verl's ``compute_grpo_outcome_advantage``).
+std 1 (the README's "The algorithm", step 4; as in verl's ``compute_grpo_outcome_advantage``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,18 @@
-"""The ``sodkern`` command: ``sodkern SUBCOMMAND ...``; each subcommand owns its own options."""
+"""The ``sodkern`` command: ``sodkern SUBCOMMAND ...``; each subcommand owns its own options.
+
+What every command shares lives here too: :func:`configure_logging` (the one ``sodkern`` logger, set up once
+per command, writing timestamped lines to stderr, so progress shows in a log file as well as in a terminal)
+and :func:`exit_on_user_error` (a mistake the user can fix, :class:`UserError`, is one line on stderr and exit
+status 2; ``--debug`` or ``SODKERN_DEBUG=1`` shows the traceback instead).
+"""
 
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
+from collections.abc import Callable
 
 # subcommand -> (module with a ``main(argv)`` function, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -14,6 +23,63 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("sodkern.trainer.plot", "plot training curves and SOD step-weight patterns from a run folder"),
 }
 
+DEBUG_ENV = "SODKERN_DEBUG"
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a missing file, an unknown config key, a bad value): the message is one line
+    naming what is wrong and the fix."""
+
+
+def debug_enabled(flag: bool = False) -> bool:
+    """``--debug`` was given or ``SODKERN_DEBUG`` is set to something other than ``0`` / empty."""
+    return flag or os.environ.get(DEBUG_ENV, "") not in ("", "0", "false", "no")
+
+
+def configure_logging(debug: bool = False) -> logging.Logger:
+    """Set up the ``sodkern`` logger once: INFO (DEBUG with ``debug``) lines with a timestamp on stderr.
+
+    Library code logs to ``logging.getLogger("sodkern")`` or a child (``sodkern.train``, ...); a command calls
+    this once at its start. Calling it again only updates the level.
+    """
+    logger = logging.getLogger("sodkern")
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s sodkern %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    return logger
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A line per record to whatever ``sys.stderr`` is at the time (flushed: visible at once under nohup, tee,
+    CI), so a replaced stderr (a test's capture, a notebook) is followed."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: ANN201 (logging.StreamHandler's attribute)
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
+def exit_on_user_error(prog: str, run: Callable[[], int], *, debug: bool) -> int:
+    """``run()``'s exit status; a :class:`UserError` becomes ``PROG: error: MESSAGE`` on stderr (on rank 0 only
+    under torchrun) and exit status 2, or its traceback with ``debug``."""
+    try:
+        return run()
+    except UserError as e:
+        if debug:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            message = " ".join(str(e).split("\n"))
+            print(f"{prog}: error: {message} (--debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 2
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -21,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: sodkern {" + ",".join(SUBCOMMANDS) + "} ...\n")
         for name, (_, help_) in SUBCOMMANDS.items():
             print(f"  {name:<10} {help_}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nsodkern: error: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
     return int(module.main(argv[1:]) or 0)

@@ -9,24 +9,43 @@ Per data source (and over all problems):
 - mean tool calls, mean response length (tokens), finish reasons.
 
 Writes ``metrics.json`` and ``samples.jsonl`` (one line per sample) to ``--output-dir`` and prints a table.
+
+The trainer's held-out evaluation (verl's ``test_freq`` / ``val_before_train``) is :func:`evaluate_student`:
+with ``eval.files`` set, it samples ``eval.n`` responses per held-out problem with the rollout engine (the
+student's current weights, ``eval.temperature`` / ``eval.top_p``), scores them with the outcome reward
+(correctness only: no overlong penalty or tool shaping) and logs :func:`summarize`'s metrics as
+``val/average@n``, ``val/pass@n``, ``val/maj@n``, ``val/mean_tool_calls``, ``val/mean_response_tokens`` (and
+``val/SOURCE/...`` per data source when there are several) in the step's row of ``metrics.jsonl``; the
+samples go to ``val_samples.jsonl`` (one line each, with the step). It runs every ``eval.every`` steps, after
+the last step, and before the first when ``eval.before_train`` (logged as step 0). Each rank evaluates its
+share of the problems; the metrics are over all of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import math
 import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sodkern.trainer.rollout.loop import RolloutConfig, Trajectory
+from sodkern.trainer.rollout.loop import RolloutParams, Trajectory
 from sodkern.trainer.tasks.data import Problem, load_problems
+
+if TYPE_CHECKING:
+    from sodkern.trainer.rl import RLWorker
+
+log = logging.getLogger("sodkern.eval")
+
+VAL_SAMPLES_FILE = "val_samples.jsonl"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -131,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         help="JSON chat-template variables, e.g. '{\"enable_thinking\": false}'",
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (or SODKERN_DEBUG=1)")
     return ap
 
 
@@ -155,7 +175,7 @@ def sample_row(t: Trajectory, data_source: str, **extra: Any) -> dict[str, Any]:
 def sample_and_score(
     model_path: str | Path,
     problems: Sequence[Problem],
-    config: RolloutConfig,
+    config: RolloutParams,
     *,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -198,15 +218,72 @@ def write_results(
         f.writelines(json.dumps(sample_row(t, sources[t.uid]), ensure_ascii=False) + "\n" for t in trajectories)
 
 
+def evaluate_student(worker: RLWorker, problems: list[Problem], step: int, run_dir: Path) -> dict[str, float]:
+    """The trainer's held-out evaluation (see the module docstring): sample, score and summarise ``problems``
+    with the current student; returns the ``val/...`` metrics (and ``time/eval``).
+
+    Args:
+        worker: the run's :class:`sodkern.trainer.rl.RLWorker` (its engine, chat format, tool and config).
+        problems: the held-out problems (all of them; every rank gets the same list).
+        step: the training step the student has finished (0: before training).
+        run_dir: the run folder (rank 0 appends the samples to ``val_samples.jsonl`` there).
+    """
+    import torch.distributed as dist
+
+    from sodkern.trainer.rollout.loop import rollout, score_trajectories
+
+    cfg, d = worker.cfg, worker.d
+    started = time.perf_counter()
+    params = dataclasses.replace(
+        worker.rollout_params, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p
+    )
+    local = problems[d.rank :: d.world_size]
+    worker.sync_engine()
+    trajs = rollout(local, worker.engine, worker.chat, worker.tool, params) if local else []
+    worker.release_engine()
+    score_trajectories(
+        trajs, local, max_response_tokens=cfg.rollout.max_response_tokens, sandbox=worker.sandbox,
+        overlong_penalty=False, tool_shaping=False, reward_fn=cfg.rollout.reward_fn or None,
+    )  # fmt: skip
+    gathered: list = [None] * d.world_size
+    dist.all_gather_object(gathered, trajs)
+    trajs = [t for part in gathered for t in part]
+    summary = summarize(problems, trajs, [cfg.eval.n])
+    metrics: dict[str, float] = {}
+    keys = [f"average@{cfg.eval.n}", f"pass@{cfg.eval.n}", f"maj@{cfg.eval.n}", "mean_tool_calls",
+            "mean_response_tokens"]  # fmt: skip
+    for source, row in summary.items():
+        if source == "all" or len(summary) > 2:  # "all" plus one source: the same numbers twice
+            prefix = "val/" if source == "all" else f"val/{source}/"
+            metrics.update({prefix + k: float(row[k]) for k in keys})
+    metrics["time/eval"] = time.perf_counter() - started
+    if d.is_main:
+        sources = {p.uid: p.data_source for p in problems}
+        with open(run_dir / VAL_SAMPLES_FILE, "a") as f:
+            f.writelines(json.dumps(sample_row(t, sources[t.uid], step=step)) + "\n" for t in trajs)
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> int:
+    from sodkern.trainer.cli import configure_logging, debug_enabled, exit_on_user_error
+
     args = _parser().parse_args(argv)
+    debug = debug_enabled(args.debug)
+    configure_logging(debug)
+    return exit_on_user_error("sodkern eval", lambda: evaluate(args), debug=debug)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``sodkern eval`` with parsed arguments: sample, score, summarise, write and print."""
+    from sodkern.trainer.cli import UserError
+
     ks = args.k or [args.n]
     if args.n < 1 or any(not 1 <= k <= args.n for k in ks):
-        raise SystemExit(f"sodkern eval: --n must be >= 1 and every --k in 1..n (n={args.n}, k={ks})")
+        raise UserError(f"--n must be >= 1 and every --k in 1..n (n={args.n}, k={ks})")
     try:
         template_kwargs = json.loads(args.template_kwargs)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"sodkern eval: --template-kwargs is not valid JSON: {e}") from None
+        raise UserError(f"--template-kwargs is not valid JSON: {e}") from None
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -214,15 +291,20 @@ def main(argv: list[str] | None = None) -> int:
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
 
+    if not (Path(args.model) / "config.json").exists():
+        raise UserError(f"--model {args.model}: not a Hugging Face model folder (no config.json there)")
     problems: list[Problem] = []
     for path in args.data:
-        problems += list(load_problems(path))[: args.limit]
+        try:
+            problems += list(load_problems(path))[: args.limit]
+        except (ValueError, OSError) as e:  # a missing file or a bad row, named by the loader
+            raise UserError(str(e)) from e
     if not problems:
-        raise SystemExit(f"sodkern eval: no problems in {' '.join(args.data)}")
+        raise UserError(f"--data: no problems in {' '.join(args.data)}")
     repeated = [uid for uid, count in Counter(p.uid for p in problems).items() if count > 1]
     if repeated:
-        raise SystemExit(f"sodkern eval: problem uids must be unique; repeated: {repeated[:5]}")
-    config = RolloutConfig(
+        raise UserError(f"--data: problem uids must be unique; repeated: {repeated[:5]}")
+    config = RolloutParams(
         n=args.n,
         max_turns=args.max_turns,
         max_response_tokens=args.max_response_tokens,
@@ -231,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         top_k=args.top_k,
         progress=not args.no_progress,
     )
+    log.info("sampling %d problem(s) x %d with %s on %s", len(problems), args.n, args.model, device)
     trajectories, seconds = sample_and_score(args.model, problems, config, device=device, dtype=dtype,
                                              batch_size=args.batch_size, template_kwargs=template_kwargs)  # fmt: skip
     metrics = summarize(problems, trajectories, ks)
@@ -239,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     write_results(out, problems, trajectories, metrics, run)
     print_table(metrics, ks)
-    print(f"wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")
+    log.info("wrote %s and %s", out / "metrics.json", out / "samples.jsonl")
     return 0
 
 

@@ -1,10 +1,25 @@
-"""One RL step of grpo / opd / sod / opsd_gt / opsd_hint: rollout, scoring, PPO update (SOD.md §2).
+"""One RL step of grpo / opd / sod / opsd_gt / opsd_hint, on one screen: :meth:`RLWorker.step`.
 
-The rollout runs on a plain (unsharded) copy of the student, refreshed from the FSDP student before each
-step, so every rank samples its own prompts without collectives. Scoring and the update run on packed
-micro-batches through the fused head (``linear_logprobs`` / ``sod_loss``; no logits). ``sod_loss`` is called
-once per trajectory of a micro-batch (a slice of the packed row), so each trajectory's step weights are its
-own: ``w_k = min((d_1 + eps) / (d_k + eps), 1 + delta)`` with *its* first step's ``d_1``.
+The step's phases, in order (each a call by name; the module docstring of :mod:`sodkern.trainer.train`
+has the map of the files):
+
+1. **sync the engine**: the rollout engine gets the student's current weights (:meth:`RLWorker.sync_engine`).
+   The HF engine is a plain (unsharded) copy of the student, so every rank samples its own prompts without
+   collectives; vLLM gets the gathered FSDP2 shards streamed in.
+2. **roll out** ``rollout.n`` multi-turn responses per prompt with the code interpreter
+   (:func:`sodkern.trainer.rollout.loop.rollout`).
+3. **score** each response with its outcome reward (:func:`sodkern.trainer.rollout.loop.score_trajectories`).
+4. **old log-probs** ``old_logp`` (s_t): recomputed by the FSDP student, not taken from the engine
+   (:meth:`RLWorker.logprobs`); the engine's own log-probs only measure the engine-vs-trainer gap.
+5. **teacher log-probs** ``teacher_logp`` (tau_t) of the same tokens (:meth:`RLWorker.teacher_logprobs`).
+6. **advantages**: GRPO, per prompt group (:func:`sodkern.trainer.advantages.grpo_advantages`).
+7. **update**: ``loss.ppo_epochs`` passes over the mini-batches, :func:`sodkern.sod_loss` per trajectory,
+   one optimizer step per mini-batch (:meth:`RLWorker.update`).
+
+Scoring and the update run on packed micro-batches through the fused head (:func:`sodkern.linear_logprobs`
+/ :func:`sodkern.sod_loss`; no logits). ``sod_loss`` is called once per trajectory of a micro-batch (a slice
+of the packed row), so each trajectory's step weights are its own: ``w_k = min((d_1 + eps) / (d_k + eps),
+1 + delta)`` with *its* first step's ``d_1``. The step's metrics are built in :mod:`sodkern.trainer.metrics`.
 """
 
 from __future__ import annotations
@@ -12,18 +27,27 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from sodkern.ops.linear_logprobs import linear_logprobs
-from sodkern.ops.sod_loss import SODLossOutput, sod_loss
-from sodkern.ops.step_weights import stepwise_weights
+from sodkern import SODLossOutput, linear_logprobs, sod_loss
 from sodkern.trainer.advantages import grpo_advantages
-from sodkern.trainer.config import Config, LossConfig
+from sodkern.trainer.config import Config
+from sodkern.trainer.metrics import (
+    UPDATE_SUMS,
+    UpdateTotals,
+    add_loss_output,
+    rollout_metrics,
+    trajectory_record,
+    trajectory_steps,
+    update_metrics,
+)
 from sodkern.trainer.packing import MicroBatch, make_micro_batch, pack, pad_to_common_count
 from sodkern.trainer.parallel import CausalLM, Dist, copy_weights, full_tensor, load_causal_lm, shard
 from sodkern.trainer.rollout import loop as ro
@@ -32,9 +56,12 @@ from sodkern.trainer.rollout.hf_engine import HFEngine
 from sodkern.trainer.sandbox import CodeInterpreter, LocalSandbox
 from sodkern.trainer.tasks.data import Problem
 
-# sod_loss metrics averaged over tokens; the loss parts (already over the mini-batch's tokens) are summed
-METRIC_KEYS = ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "mean_token_weight")
-LOSS_KEYS = ("pg_loss", "distill_loss")
+log = logging.getLogger("sodkern.train")
+
+OptimizerStep = Callable[[torch.Tensor], tuple[bool, float]]
+"""``optimizer_step(loss_sum) -> (applied, grad_norm)``: :meth:`sodkern.trainer.train.Trainer.optimizer_step`.
+Clips and applies the gradients accumulated over a mini-batch (optimizer and LR scheduler step, gradients
+zeroed), or skips the update when ``loss_sum`` (any rank) or the gradient norm is not finite."""
 
 
 def answer_text(problem: Problem) -> str:
@@ -49,14 +76,6 @@ def answer_text(problem: Problem) -> str:
         tests = [{"input": i, "output": o} for i, o in zip(gt.get("inputs", [])[:2], gt.get("outputs", [])[:2])]
         return f"a program that passes these tests: {json.dumps(tests)}"
     return str(gt)
-
-
-def _gap_sums(g: torch.Tensor) -> tuple[float, float, int, float]:
-    """Sum and max of ``|g|``, count, and the sum of the k3 KL estimate ``r - 1 - log r`` with ``log r = g``."""
-    if g.numel() == 0:
-        return 0.0, 0.0, 0, 0.0
-    c = g.clamp(-20, 20)
-    return float(g.abs().sum()), float(g.abs().max()), g.numel(), float((c.exp() - 1 - c).sum())
 
 
 def teacher_messages(problem: Problem, cfg: Config) -> list[dict]:
@@ -76,6 +95,24 @@ def teacher_messages(problem: Problem, cfg: Config) -> list[dict]:
     last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
     messages[last_user]["content"] += extra
     return messages
+
+
+@dataclass
+class TokenBatch:
+    """The step's trajectories on this rank as token sequences, in trajectory order.
+
+    Attributes:
+        seqs: per trajectory, ``[L_i]`` int64 prompt + response ids (the student's prompt).
+        masks: per trajectory, ``[L_i]`` bool, 1 on the tokens the student generated (the trained tokens).
+        teacher_seqs: the same responses after the teacher's prompt (opsd_*: with the answer / hint added),
+            else ``seqs``.
+        teacher_masks: ``teacher_seqs``' generated-token masks, else ``masks``.
+    """
+
+    seqs: list[torch.Tensor]
+    masks: list[torch.Tensor]
+    teacher_seqs: list[torch.Tensor]
+    teacher_masks: list[torch.Tensor]
 
 
 class RLWorker:
@@ -110,8 +147,7 @@ class RLWorker:
             self.engine = HFEngine(self.engine_model, pad_token_id=pad)
         self.sandbox = LocalSandbox(timeout=cfg.rollout.tool_timeout_s)
         self.tool = CodeInterpreter(self.sandbox)
-        r = cfg.rollout
-        self.rollout_config = ro.RolloutConfig(
+        self.rollout_params = ro.RolloutParams(
             n=r.n, max_turns=r.max_turns, max_response_tokens=r.max_response_tokens, temperature=r.temperature,
             top_p=r.top_p, progress=False,
         )  # fmt: skip
@@ -126,7 +162,7 @@ class RLWorker:
                                attn_implementation=cfg.student.attn_implementation)  # fmt: skip
             if t.config.vocab_size != model.model.config.vocab_size:
                 raise ValueError(
-                    f"teacher {cfg.teacher.path} has vocab_size {t.config.vocab_size} but the student has "
+                    f"teacher.path={cfg.teacher.path} has vocab_size {t.config.vocab_size} but the student has "
                     f"{model.model.config.vocab_size}: the teacher must share the student's tokenizer"
                 )
             t.requires_grad_(False)
@@ -141,7 +177,7 @@ class RLWorker:
             for p in keep:
                 teacher_messages(p, self.cfg)  # fails early, naming the problem without a hint
         if len(keep) < len(problems) and self.d.is_main:
-            print(f"[sodkern] dropped {len(problems) - len(keep)} prompts over rollout.max_prompt_tokens")
+            log.warning("dropped %d prompts over rollout.max_prompt_tokens", len(problems) - len(keep))
         return keep
 
     def sync_engine(self) -> None:
@@ -160,82 +196,60 @@ class RLWorker:
 
     # ------------------------------------------------------------------------------------------ the step
 
-    def step(self, problems: list[Problem], optimizer_step: Callable) -> tuple[dict[str, float], list[dict]]:
-        """Rollout, scoring and PPO update on this rank's ``problems``; returns (metrics, step-wise records),
-        both for all ranks (metrics identical on every rank, records complete on rank 0)."""
-        cfg, dev = self.cfg, self.d.device
-        t0 = time.perf_counter()
+    def step(self, problems: list[Problem], optimizer_step: OptimizerStep) -> tuple[dict[str, float], list[dict]]:
+        """One RL step on this rank's ``problems``; returns (metrics, step-wise records), both for all ranks
+        (metrics identical on every rank, records of every rank's trajectories).
+
+        Args:
+            problems: this rank's share of the step's prompts.
+            optimizer_step: applies (or skips) one mini-batch's update; see :data:`OptimizerStep`.
+        """
+        cfg = self.cfg
+        started = time.perf_counter()
+        # 1. sync the engine with the student's current weights, 2. roll out rollout.n responses per prompt
         self.sync_engine()
-        trajs = ro.rollout(problems, self.engine, self.chat, self.tool, self.rollout_config)
+        trajs = ro.rollout(problems, self.engine, self.chat, self.tool, self.rollout_params)
         self.release_engine()
-        t1 = time.perf_counter()
+        rolled_out = time.perf_counter()
+        # 3. score: the outcome reward of each response (overlong penalty and tool shaping per the config)
         ro.score_trajectories(
             trajs, problems, max_response_tokens=cfg.rollout.max_response_tokens, sandbox=self.sandbox,
             overlong_penalty=cfg.rollout.overlong_penalty, overlong_buffer=cfg.rollout.overlong_buffer,
             tool_shaping=cfg.rollout.tool_shaping, reward_fn=cfg.rollout.reward_fn or None,
         )  # fmt: skip
+        batch = self.token_batch(trajs, problems)
+        # 4. old log-probs s_t: recomputed HERE by the FSDP student (the engine's log-probs are only compared
+        #    with them, as rollout/logprob_diff_*); the PPO ratio's denominator and SOD's s_t
+        old_logp = self.logprobs(self.model, batch.seqs, batch.masks)
+        # 5. teacher log-probs tau_t of the same tokens (None for grpo and for loss.distill=full_kl)
+        teacher_logp = self.teacher_logprobs(batch)
+        # 6. GRPO advantages, per prompt group
+        advantages = grpo_advantages(torch.tensor([t.reward.score for t in trajs]), [t.uid for t in trajs])
+        scored = time.perf_counter()
+        # 7. update: ppo_epochs passes over the mini-batches, sod_loss per trajectory, one optimizer step each
+        metrics, steps = self.update(batch, old_logp, teacher_logp, advantages.to(self.d.device), optimizer_step)
+        updated = time.perf_counter()
+
+        # the logs: one record per trajectory (every rank's, for steps.jsonl) and the step's metrics
+        local = [trajectory_record(t, old_logp[i], steps[i]) for i, t in enumerate(trajs)]
+        gathered: list = [None] * self.d.world_size
+        dist.all_gather_object(gathered, local)
+        records = [r for part in gathered for r in part]
+        metrics.update(rollout_metrics(records, rolled_out - started))
+        metrics.update({"time/rollout": rolled_out - started, "time/scoring": scored - rolled_out,
+                        "time/update": updated - scored})  # fmt: skip
+        return metrics, records
+
+    def token_batch(self, trajs: list[ro.Trajectory], problems: list[Problem]) -> TokenBatch:
+        """The trajectories as token sequences for the student and the teacher (see :class:`TokenBatch`)."""
         seqs = [torch.tensor(t.prompt_ids + t.response_ids) for t in trajs]
         masks = [torch.tensor([0] * len(t.prompt_ids) + t.response_mask, dtype=torch.bool) for t in trajs]
-        tseqs, tmasks = seqs, masks
-        if cfg.algorithm.startswith("opsd"):
-            by_uid = {p.uid: p for p in problems}
-            prompts = {u: self.chat.prompt_ids(teacher_messages(p, cfg)) for u, p in by_uid.items()}
-            tseqs = [torch.tensor(prompts[t.uid] + t.response_ids) for t in trajs]
-            tmasks = [torch.tensor([0] * len(prompts[t.uid]) + t.response_mask, dtype=torch.bool) for t in trajs]
-        old = self.logprobs(self.model, seqs, masks)
-        gaps = [o.cpu().double() - torch.tensor(t.logprobs, dtype=torch.float64)[torch.tensor(t.response_mask) == 1]
-                for o, t in zip(old, trajs)]  # fmt: skip
-        tau = None
-        if self.remote_teacher is not None:  # log p(token_t | prefix) per position from the server
-            lps = self.remote_teacher.logprobs([s.tolist() for s in tseqs])
-            tau = [lp[m].float().to(dev) for lp, m in zip(lps, tmasks)]
-        elif self.teacher is not None and cfg.loss.distill == "logprob":
-            tau = self.logprobs(self.teacher, tseqs, tmasks)
-        adv = grpo_advantages(torch.tensor([t.reward.score for t in trajs]), [t.uid for t in trajs]).to(dev)
-        t2 = time.perf_counter()
-        metrics, steps = self.update(seqs, masks, tseqs, tmasks, old, tau, adv, optimizer_step)
-        t3 = time.perf_counter()
-
-        rows = [
-            {"uid": t.uid, "sample": t.sample_index, "reward": t.reward.score, "correct": t.reward.correct,
-             "num_tool_calls": t.num_tool_calls, "num_turns": t.num_turns, "finish_reason": t.finish_reason,
-             "response_length": len(t.response_ids), "tokens": len(t.prompt_ids) + len(t.response_ids),
-             "gap": _gap_sums(gaps[i]),
-             "steps": [{"k": k, "d": dk, "w": wk, "tokens": b - a, "span": [a, b]}
-                       for k, ((a, b), (dk, wk)) in enumerate(zip(t.spans, steps[i]), start=1)]}
-            for i, t in enumerate(trajs)
-        ]  # fmt: skip
-        gathered: list = [None] * self.d.world_size
-        dist.all_gather_object(gathered, rows)
-        rows = [r for part in gathered for r in part]
-        n = len(rows)
-        step_values = [s for r in rows for s in r["steps"] if s["d"] is not None]
-        metrics.update(
-            {
-                "reward/mean": sum(r["reward"] for r in rows) / n,
-                "accuracy": sum(r["correct"] for r in rows) / n,
-                "response_length/mean": sum(r["response_length"] for r in rows) / n,
-                "response_length/max": float(max(r["response_length"] for r in rows)),
-                "tool_calls/mean": sum(r["num_tool_calls"] for r in rows) / n,
-                "turns/mean": sum(r["num_turns"] for r in rows) / n,
-                "finish/length": sum(r["finish_reason"] == "length" for r in rows) / n,
-                "time/rollout": t1 - t0,
-                "time/scoring": t2 - t1,
-                "time/update": t3 - t2,
-                "tokens": float(sum(r.pop("tokens") for r in rows)),
-            }
-        )
-        # the usual engine-vs-trainer gap: rollout log-probs against the recomputed old log-probs
-        gaps = [r.pop("gap") for r in rows]
-        n_gap = max(sum(g[2] for g in gaps), 1)
-        metrics["rollout/logprob_diff_abs_mean"] = sum(g[0] for g in gaps) / n_gap
-        metrics["rollout/logprob_diff_abs_max"] = max(g[1] for g in gaps)
-        metrics["rollout/kl_k3"] = sum(g[3] for g in gaps) / n_gap
-        metrics["rollout/tokens_per_s"] = sum(r["response_length"] for r in rows) / max(t1 - t0, 1e-9)
-        if step_values:
-            metrics["mean_d"] = sum(s["d"] for s in step_values) / len(step_values)
-            metrics["mean_w"] = sum(s["w"] for s in step_values) / len(step_values)
-        return metrics, rows
+        if not self.cfg.algorithm.startswith("opsd"):
+            return TokenBatch(seqs, masks, seqs, masks)
+        prompts = {p.uid: self.chat.prompt_ids(teacher_messages(p, self.cfg)) for p in problems}
+        teacher_seqs = [torch.tensor(prompts[t.uid] + t.response_ids) for t in trajs]
+        teacher_masks = [torch.tensor([0] * len(prompts[t.uid]) + t.response_mask, dtype=torch.bool) for t in trajs]
+        return TokenBatch(seqs, masks, teacher_seqs, teacher_masks)
 
     @torch.no_grad()
     def logprobs(self, model: CausalLM, seqs: list[torch.Tensor], masks: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -253,77 +267,101 @@ class RLWorker:
                 out[i] = v
         return out
 
+    def teacher_logprobs(self, batch: TokenBatch) -> list[torch.Tensor] | None:
+        """``teacher_logp``: per trajectory ``[n_i]`` float32 log p_teacher of the generated tokens, from the
+        remote teacher (a vLLM server), the local sharded teacher (opd, sod) or the student given the answer /
+        hint (opsd_*); None for grpo and for ``loss.distill=full_kl`` (the update then reads the teacher's
+        hidden states instead, :meth:`teacher_hidden`)."""
+        if self.remote_teacher is not None:  # log p(token_t | prefix) per position from the server
+            per_position = self.remote_teacher.logprobs([s.tolist() for s in batch.teacher_seqs])
+            return [lp[m].float().to(self.d.device) for lp, m in zip(per_position, batch.teacher_masks)]
+        if self.teacher is not None and self.cfg.loss.distill == "logprob":
+            return self.logprobs(self.teacher, batch.teacher_seqs, batch.teacher_masks)
+        return None
+
     @torch.no_grad()
-    def teacher_hidden(self, mb: MicroBatch, tseqs: list, tmasks: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """``divergence="full_kl"``: the teacher's hidden states ``[1, T, Ht]`` laid on the student row ``mb``
+    def teacher_hidden(self, mb: MicroBatch, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``loss.distill=full_kl``: the teacher's hidden states ``[1, T, Ht]`` laid on the student row ``mb``
         (at its trained positions) and the teacher's lm-head weight ``[V, Ht]``."""
-        tmb = make_micro_batch([tseqs[i] for i in mb.index], [tmasks[i] for i in mb.index], mb.index)
-        tmb = tmb.to(self.d.device)
-        h_sel, w = self.teacher(
-            tmb.input_ids, tmb.position_ids, lambda h, w: (h[0][tmb.loss_mask[0]], w.detach().clone())
-        )
-        th = h_sel.new_zeros(1, mb.num_tokens, h_sel.shape[-1])
-        th[0][mb.loss_mask[0]] = h_sel
-        return th, w
+        teacher_mb = make_micro_batch(
+            [batch.teacher_seqs[i] for i in mb.index], [batch.teacher_masks[i] for i in mb.index], mb.index
+        ).to(self.d.device)
+        hidden_sel, weight = self.teacher(
+            teacher_mb.input_ids, teacher_mb.position_ids,
+            lambda h, w: (h[0][teacher_mb.loss_mask[0]], w.detach().clone()),
+        )  # fmt: skip
+        hidden = hidden_sel.new_zeros(1, mb.num_tokens, hidden_sel.shape[-1])
+        hidden[0][mb.loss_mask[0]] = hidden_sel
+        return hidden, weight
 
-    def update(self, seqs, masks, tseqs, tmasks, old, tau, adv, optimizer_step) -> tuple[dict, list]:
-        """``ppo_epochs`` passes over the mini-batches (whole prompt groups), one optimizer step each.
+    def update(
+        self,
+        batch: TokenBatch,
+        old_logp: list[torch.Tensor],
+        teacher_logp: list[torch.Tensor] | None,
+        advantages: torch.Tensor,
+        optimizer_step: OptimizerStep,
+    ) -> tuple[dict[str, float], list[list[tuple[float | None, float | None]]]]:
+        """``loss.ppo_epochs`` passes over the mini-batches (whole prompt groups), one optimizer step each.
 
-        Returns the loss metrics (token-weighted over ranks) and, per trajectory, its steps' ``(d_k, w_k)``
-        from the first epoch (None for grpo, which has no teacher term).
+        Args:
+            batch: the step's token sequences on this rank.
+            old_logp: per trajectory ``[n_i]`` float32 old log-probs.
+            teacher_logp: per trajectory ``[n_i]`` float32 teacher log-probs, or None.
+            advantages: ``[N]`` float32 GRPO advantage of each trajectory, on the device.
+            optimizer_step: applies (or skips) one mini-batch's update; see :data:`OptimizerStep`.
+
+        Returns:
+            the loss metrics (token-weighted over ranks) and, per trajectory, its steps' ``(d_k, w_k)`` from
+            the first epoch (None for grpo, which has no teacher term).
         """
-        cfg, L, dev = self.cfg, self.cfg.loss, self.d.device
-        per_mb = cfg.data.mini_batch_size // self.d.world_size * cfg.rollout.n
-        full_kl = L.distill == "full_kl"
-        nm = len(METRIC_KEYS)
-        sums = torch.zeros(nm + len(LOSS_KEYS) + 3, device=dev)  # metrics*tokens, loss parts, tokens, loss, norm
-        steps: list[list] = [[] for _ in seqs]
+        cfg, dev = self.cfg, self.d.device
+        per_mini_batch = cfg.data.mini_batch_size // self.d.world_size * cfg.rollout.n  # this rank's trajectories
+        full_kl = cfg.loss.distill == "full_kl"
+        totals = UpdateTotals(UPDATE_SUMS, dev)
+        steps: list[list] = [[] for _ in batch.seqs]
         num_updates = skipped = 0
-        for epoch in range(L.ppo_epochs):
-            for start in range(0, len(seqs), per_mb):
-                idx = list(range(start, min(start + per_mb, len(seqs))))
-                n_tok = torch.tensor([float(sum(old[i].numel() for i in idx))], device=dev)
-                dist.all_reduce(n_tok)
-                num_tokens = n_tok.item() / self.d.world_size  # FSDP averages gradients over ranks
+        for epoch in range(cfg.loss.ppo_epochs):
+            for start in range(0, len(batch.seqs), per_mini_batch):
+                idx = list(range(start, min(start + per_mini_batch, len(batch.seqs))))
+                tokens = torch.tensor([float(sum(old_logp[i].numel() for i in idx))], device=dev)
+                dist.all_reduce(tokens)
+                num_tokens = tokens.item() / self.d.world_size  # FSDP averages gradients over ranks
                 loss_sum = torch.zeros((), device=dev)
-                local = pack([seqs[i] for i in idx], [masks[i] for i in idx], cfg.train.micro_batch_tokens)
-                for mb in pad_to_common_count(local):
+                local = pack([batch.seqs[i] for i in idx], [batch.masks[i] for i in idx], cfg.train.micro_batch_tokens)
+                for mb in pad_to_common_count(local):  # every rank runs as many micro-batches (FSDP collectives)
                     mb = mb.to(dev)
                     mb.index = [idx[j] for j in mb.index]
-                    th, tw = self.teacher_hidden(mb, tseqs, tmasks) if full_kl else (None, None)
-
-                    old_row = mb.scatter([old[i] for i in mb.index])
-                    tau_row = None if tau is None else mb.scatter([tau[i] for i in mb.index])
-                    head = functools.partial(
-                        trajectory_losses, mb=mb, old_row=old_row, tau_row=tau_row, adv=adv, cfg=cfg,
-                        num_tokens=num_tokens, teacher_hidden=th, teacher_weight=tw,
+                    old_logp_row = mb.scatter([old_logp[i] for i in mb.index])
+                    teacher_logp_row = None if teacher_logp is None else mb.scatter([teacher_logp[i] for i in mb.index])
+                    teacher_hidden, teacher_weight = self.teacher_hidden(mb, batch) if full_kl else (None, None)
+                    # The loss runs INSIDE the FSDP root's forward: CausalLM.forward calls head_fn(hidden, weight)
+                    # with the final hidden states and the lm-head weight, which FSDP2 keeps unsharded only
+                    # during the root's forward; sod_loss then never materialises [T, V] logits.
+                    head_fn = functools.partial(
+                        trajectory_losses, mb=mb, old_logp=old_logp_row, teacher_logp=teacher_logp_row,
+                        advantages=advantages, cfg=cfg, num_tokens=num_tokens, teacher_hidden=teacher_hidden,
+                        teacher_weight=teacher_weight,
                     )  # fmt: skip
-                    loss, outs = self.model(mb.input_ids, mb.position_ids, head)
+                    loss, outs = self.model(mb.input_ids, mb.position_ids, head_fn)
                     loss.backward()
                     loss_sum += loss.detach()
                     for i, (a, b), out in zip(mb.index, mb.bounds, outs):
-                        m, k = out.metrics, out.metrics["num_tokens"]
-                        zero = torch.zeros((), device=dev)
-                        sums[:nm] += torch.stack([m[key] * k for key in METRIC_KEYS])
-                        sums[nm : nm + len(LOSS_KEYS)] += torch.stack([m.get(key, zero) for key in LOSS_KEYS])
-                        sums[-3] += k
+                        add_loss_output(totals, out)
                         if epoch == 0:
-                            tau_i = None if tau_row is None else tau_row[:, a:b]
-                            steps[i] = step_values(out, old_row[:, a:b], tau_i, mb.loss_mask[:, a:b], L)
+                            teacher_i = None if teacher_logp_row is None else teacher_logp_row[:, a:b]
+                            steps[i] = trajectory_steps(
+                                out, old_logp_row[:, a:b], teacher_i, mb.loss_mask[:, a:b], cfg.loss
+                            )
                 applied, grad_norm = optimizer_step(loss_sum)
-                sums[-2] += loss_sum
-                sums[-1] += grad_norm if applied else 0.0
+                totals.add("loss", loss_sum)
+                totals.add("grad_norm", grad_norm if applied else 0.0)
                 num_updates += 1
                 skipped += not applied
-        dist.all_reduce(sums)
-        per_update = self.d.world_size * num_updates  # loss parts: token means over each mini-batch, averaged
-        metrics = {key: (sums[j] / sums[-3].clamp_min(1)).item() for j, key in enumerate(METRIC_KEYS)}
-        metrics.update({key: sums[nm + j].item() / per_update for j, key in enumerate(LOSS_KEYS)})
-        if not full_kl:
-            metrics.pop("distill_loss")
-        metrics["loss"] = sums[-2].item() / per_update
-        metrics["grad_norm"] = sums[-1].item() / self.d.world_size / max(num_updates - skipped, 1)
-        metrics["skipped"] = float(skipped)
+        metrics = update_metrics(
+            totals.all_reduce(), world_size=self.d.world_size, num_updates=num_updates, skipped=skipped,
+            full_kl=full_kl,
+        )  # fmt: skip
         return metrics, steps
 
 
@@ -332,32 +370,32 @@ def trajectory_losses(
     weight: torch.Tensor,
     *,
     mb: MicroBatch,
-    old_row: torch.Tensor,
-    tau_row: torch.Tensor | None,
-    adv: torch.Tensor,
+    old_logp: torch.Tensor,
+    teacher_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
     cfg: Config,
     num_tokens: float,
     teacher_hidden: torch.Tensor | None = None,
     teacher_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[SODLossOutput]]:
-    """The RL loss of a packed micro-batch: :func:`sod_loss` on each trajectory's slice of the row, so its
-    step weights use its own ``d_1``; summed (each term is already over the mini-batch's ``num_tokens``).
+    """The RL loss of a packed micro-batch: :func:`sodkern.sod_loss` on each trajectory's slice of the row, so
+    its step weights use its own ``d_1``; summed (each term is already over the mini-batch's ``num_tokens``).
 
     Args:
         hidden: ``[1, T, H]`` student hidden states of the packed row.
         weight: ``[V, H]`` student lm-head weight.
-        mb: the micro-batch; ``mb.index`` holds the trajectories' indices into ``adv``.
-        old_row: ``[1, T]`` float32 rollout log-probs ``s_t`` (0 off the mask).
-        tau_row: ``[1, T]`` float32 teacher log-probs ``tau_t``, or None (grpo, full_kl).
-        adv: ``[N]`` float32 GRPO advantage of every trajectory of the batch.
+        mb: the micro-batch; ``mb.index`` holds the trajectories' indices into ``advantages``.
+        old_logp: ``[1, T]`` float32 old log-probs ``s_t`` laid on the row (0 off the mask).
+        teacher_logp: ``[1, T]`` float32 teacher log-probs ``tau_t`` laid on the row, or None (grpo, full_kl).
+        advantages: ``[N]`` float32 GRPO advantage of every trajectory of the batch.
         cfg: the config: ``cfg.weighting`` (none for grpo, uniform for opd, sod) and ``cfg.loss``.
         num_tokens: normaliser: the mini-batch's trained tokens over the world size.
         teacher_hidden: ``[1, T, Ht]`` teacher hidden states at the trained positions (full_kl).
         teacher_weight: ``[V, Ht]`` teacher lm-head weight (full_kl).
 
     Returns:
-        ``(loss, outputs)``: the differentiable sum and one :class:`SODLossOutput` per trajectory (in
-        ``mb.index`` order).
+        ``(loss, outputs)``: the differentiable sum and one :class:`~sodkern.SODLossOutput` per trajectory
+        (in ``mb.index`` order).
     """
     if mb.is_padding:  # keeps every layer's collectives in step; zero gradient
         return (hidden.sum() + weight.sum()) * 0.0, []
@@ -365,8 +403,8 @@ def trajectory_losses(
     total, outs = hidden.new_zeros((), dtype=torch.float32), []
     for i, (a, b) in zip(mb.index, mb.bounds):
         out = sod_loss(
-            hidden[:, a:b], weight, mb.targets[:, a:b], old_row[:, a:b],
-            None if tau_row is None else tau_row[:, a:b], adv[i : i + 1], mb.loss_mask[:, a:b],
+            hidden[:, a:b], weight, mb.targets[:, a:b], old_logp[:, a:b],
+            None if teacher_logp is None else teacher_logp[:, a:b], advantages[i : i + 1], mb.loss_mask[:, a:b],
             weighting=cfg.weighting, eps=L.eps, delta=L.delta, opd_coef=L.opd_coef, clip_low=L.clip_low,
             clip_high=L.clip_high, clip_c=L.clip_c, temperature=cfg.rollout.temperature, divergence=L.distill,
             teacher_hidden=None if teacher_hidden is None else teacher_hidden[:, a:b], teacher_weight=teacher_weight,
@@ -375,26 +413,3 @@ def trajectory_losses(
         total = total + out.loss
         outs.append(out)
     return total, outs
-
-
-def step_values(
-    out: SODLossOutput, old: torch.Tensor, tau: torch.Tensor | None, mask: torch.Tensor, L: LossConfig
-) -> list[tuple[float | None, float | None]]:
-    """Per step ``(d_k, w_k)`` of one trajectory: sod_loss's step weights (sod), else ``d_k`` of ``|s - tau|``
-    with the applied ``w = 1`` (opd), else ``(None, None)`` per step (grpo: no teacher term).
-
-    Args:
-        out: the trajectory's SODLossOutput.
-        old: ``[1, L]`` float32 rollout log-probs of the trajectory's slice of the packed row.
-        tau: ``[1, L]`` float32 teacher log-probs of the slice, or None.
-        mask: ``[1, L]`` bool trained-token mask of the slice.
-    """
-    if out.steps is not None:
-        k = int(out.steps.num_steps[0])
-        return list(zip(out.steps.step_divergence[0, :k].tolist(), out.steps.step_weights[0, :k].tolist()))
-    if tau is not None:
-        steps = stepwise_weights(old, tau, mask, eps=L.eps, delta=L.delta)
-        return [(d, 1.0) for d in steps.step_divergence[0, : int(steps.num_steps[0])].tolist()]
-    m = mask[0].int()
-    runs = int((m[1:] > m[:-1]).sum()) + int(m[0])
-    return [(None, None)] * runs

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sodkern.ops.linear_logprobs import linear_logprobs
+from sodkern import linear_logprobs
 from sodkern.trainer.packing import MicroBatch
 from sodkern.trainer.tasks.data import SFTExample
 

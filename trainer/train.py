@@ -1,20 +1,30 @@
-"""The training entry point: SFT, GRPO, OPD, SOD and on-policy self-distillation (OPSD) with FSDP2.
+"""``sodkern train``: SFT, GRPO, OPD, SOD and on-policy self-distillation (OPSD) with FSDP2.
 
     torchrun --nproc_per_node=8 -m sodkern.trainer.train --config configs/sod_qwen3_1.7b.yaml key=value ...
-    sodkern train --config configs/tiny_sod.yaml output_dir=runs/x   # one process
+    sodkern train --config configs/tiny_rl.yaml student.path=... output_dir=runs/x   # one process
+    sodkern train --print-config                                                      # every key explained
 
-One RL step (SOD.md §2): rollout of ``rollout.n`` responses per prompt (each rank its share of the prompts,
-on a plain copy of the student) -> rewards, old log-probs of the student and teacher log-probs (no grad,
-fused head on packed micro-batches) -> GRPO advantages per prompt group -> ``ppo_epochs`` passes over the
-mini-batches, ``sod_loss`` per trajectory with ``weighting`` none (grpo) | uniform (opd) | sod (sod,
-opsd_*), one optimizer step per mini-batch. Setup lives in :mod:`.parallel`, the SFT pieces in :mod:`.sft`,
-checkpoints in :mod:`.checkpoint`, logs in :mod:`.metrics`, the RL scoring and update in :mod:`.rl`.
+One RL step, file by file (:meth:`Trainer.fit` calls :meth:`sodkern.trainer.rl.RLWorker.step` once per step):
+
+- ``train.py``: the loop: a batch of prompts per rank, the step, the optimizer step it is handed
+  (:meth:`Trainer.optimizer_step`), metrics, checkpoints;
+- ``rl.py``: the step's phases: sync the engine, roll out, score, old log-probs (recomputed by the FSDP
+  student), teacher log-probs, advantages, update with ``sod_loss`` per trajectory;
+- ``rollout/loop.py``: multi-turn sampling with the code interpreter on ``rollout/hf_engine.py`` or
+  ``rollout/vllm_engine.py``, and scoring with ``tasks/rewards.py``;
+- ``advantages.py`` GRPO advantages; ``packing.py`` packed micro-batches; ``parallel.py`` FSDP2 and the fused
+  head (``CausalLM``); ``sodkern.sod_loss`` the objective (``sodkern/ops/sod_loss.py``);
+- ``metrics.py`` the step's metrics and logs; ``checkpoint.py`` save / resume / export.
+
+SFT steps are :meth:`Trainer.sft_step` (:mod:`sodkern.trainer.sft`). Progress goes to the ``sodkern`` logger
+(stderr, one line per step on rank 0), the metrics to ``OUTPUT_DIR/metrics.jsonl``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import math
 import resource
 import sys
@@ -27,15 +37,18 @@ import transformers
 from transformers import AutoTokenizer
 
 from sodkern.trainer import checkpoint as ckpt
-from sodkern.trainer.config import Config, config_dict, load_config, save_config
-from sodkern.trainer.metrics import METRICS_FILE, STEPS_FILE, MetricsLogger, truncate_after
+from sodkern.trainer.cli import UserError, configure_logging, debug_enabled, exit_on_user_error
+from sodkern.trainer.config import Config, ConfigError, config_dict, describe_config, load_config, save_config
+from sodkern.trainer.eval import VAL_SAMPLES_FILE, evaluate_student
+from sodkern.trainer.metrics import METRICS_FILE, STEPS_FILE, MetricsLogger, progress_line, truncate_after
 from sodkern.trainer.packing import pack, pad_to_common_count
 from sodkern.trainer.parallel import CausalLM, Dist, compute_dtype, init_distributed, load_causal_lm, shard
 from sodkern.trainer.rl import RLWorker
 from sodkern.trainer.rollout.chat import ChatFormat
 from sodkern.trainer.sft import render_sft, sft_loss
 from sodkern.trainer.tasks.data import load_problems, load_sft
-from sodkern.trainer.validation import VAL_SAMPLES_FILE, evaluate_student
+
+log = logging.getLogger("sodkern.train")
 
 
 class NonFiniteError(RuntimeError):
@@ -133,12 +146,14 @@ class Trainer:
         cfg = self.cfg
         if self.eval_problems and cfg.eval.before_train and self.step == 0:
             logger.log(0, evaluate_student(self.rl, self.eval_problems, 0, self.run_dir))
-        for step in range(self.step + 1, cfg.train.steps + 1):
+        first, fit_started = self.step + 1, time.perf_counter()
+        for step in range(first, cfg.train.steps + 1):
             started = time.perf_counter()
             if cfg.algorithm == "sft":
                 metrics, records = self.sft_step(), []
             else:
-                metrics, records = self.rl.step(self.loader.next_batch(), self.optimizer_step)
+                # the RL step; it calls optimizer_step once per PPO mini-batch (clip, step or skip, zero grads)
+                metrics, records = self.rl.step(self.loader.next_batch(), optimizer_step=self.optimizer_step)
             metrics.update({"time/step": time.perf_counter() - started, "lr": self.scheduler.get_last_lr()[0]})
             metrics["perf/tokens_per_s"] = metrics.pop("tokens", 0.0) / metrics["time/step"]
             metrics["memory/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -147,6 +162,9 @@ class Trainer:
             if self.eval_problems and (step == cfg.train.steps or (cfg.eval.every and step % cfg.eval.every == 0)):
                 metrics.update(evaluate_student(self.rl, self.eval_problems, step, self.run_dir))
             logger.log(step, metrics)
+            if self.d.is_main:
+                per_step = (time.perf_counter() - fit_started) / (step - first + 1)
+                log.info(progress_line(step, cfg.train.steps, metrics, eta_s=per_step * (cfg.train.steps - step)))
             if cfg.log.step_log:
                 logger.log_steps([{"step": step, **r} for r in records])
             self.step = step
@@ -159,6 +177,8 @@ class Trainer:
                 self.save()
         if cfg.checkpoint.export_hf:
             ckpt.export_hf(self.model, cfg.student.path, self.run_dir / "hf")
+            if self.d.is_main:
+                log.info("exported the student to %s", self.run_dir / "hf")
 
     def sft_step(self) -> dict[str, float]:
         batch = self.loader.next_batch()
@@ -197,8 +217,8 @@ class Trainer:
         else:
             self.nonfinite_in_row += 1
             if self.d.is_main:
-                print(f"[sodkern] skipped a non-finite update (loss finite: {bool(finite.item())}, grad norm "
-                      f"{norm}); {self.nonfinite_in_row} in a row", file=sys.stderr, flush=True)  # fmt: skip
+                log.warning("skipped a non-finite update (loss finite: %s, grad norm %s); %d in a row",
+                            bool(finite.item()), norm, self.nonfinite_in_row)  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         return applied, norm
 
@@ -211,9 +231,11 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "nonfinite_in_row": self.nonfinite_in_row,
         }
-        ckpt.save_checkpoint(
+        path = ckpt.save_checkpoint(
             self.run_dir / "checkpoints", self.step, self.model, self.optimizer, state, keep=self.cfg.checkpoint.keep
         )
+        if self.d.is_main:
+            log.info("saved checkpoint %s", path)
 
     def resume(self) -> None:
         path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.run_dir / "checkpoints")
@@ -226,36 +248,59 @@ class Trainer:
         if self.d.is_main:
             for name in (METRICS_FILE, STEPS_FILE, VAL_SAMPLES_FILE):  # the steps after the checkpoint run again
                 truncate_after(self.run_dir / name, self.step)
-            print(f"[sodkern] resumed from {path} (step {self.step})", file=sys.stderr, flush=True)
+            log.info("resumed from %s (step %d)", path, self.step)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="sodkern train",
         description="Train with sft | grpo | opd | sod | opsd_gt | opsd_hint (under torchrun for several GPUs).",
+        epilog="sodkern train --print-config lists every key with its default and meaning.",
     )
     parser.add_argument("--config", help="YAML config (configs/*.yaml); omitted: the defaults")
     parser.add_argument("overrides", nargs="*", help="a.b.c=value overrides, e.g. optim.lr=1e-6 train.steps=10")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config, each key with its meaning, and exit"
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or SODKERN_DEBUG=1)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(args.config, args.overrides)
+    debug = debug_enabled(args.debug)
+    configure_logging(debug)
+    return exit_on_user_error("sodkern train", lambda: train(args), debug=debug)
+
+
+def train(args: argparse.Namespace) -> int:
+    """Load and check the config, then train (under torchrun: this rank's part)."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        raise UserError(str(e)) from e
+    if args.print_config:
+        sys.stdout.write(describe_config(cfg))
+        return 0
     own_group = not dist.is_initialized()  # a caller's process group is left to the caller
     d = init_distributed()
     try:
-        cfg.validate(d.world_size)
-        transformers.utils.logging.disable_progress_bar()
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
-        torch.manual_seed(cfg.seed + d.rank)  # rollout sampling differs across ranks
-        run_dir = Path(cfg.output_dir)
-        if d.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-        trainer = Trainer(cfg, d)
-        trainer.resume()
+        try:  # the setup reads the user's config, models and data: its errors are the user's to fix
+            cfg.validate(d.world_size)
+            cfg.check_files()
+            transformers.utils.logging.disable_progress_bar()
+            if cfg.train.deterministic:
+                torch.use_deterministic_algorithms(True)
+            torch.manual_seed(cfg.seed + d.rank)  # rollout sampling differs across ranks
+            run_dir = Path(cfg.output_dir)
+            if d.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, run_dir / "config.yaml")
+                log.info("%s on %d process(es), %s; run folder %s", cfg.algorithm, d.world_size, d.device, run_dir)
+            trainer = Trainer(cfg, d)
+            trainer.resume()
+        except (ValueError, OSError) as e:
+            raise UserError(str(e)) from e
         logger = MetricsLogger(
             run_dir, enabled=d.is_main, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
             config=config_dict(cfg),

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sodkern.trainer.demo.tiny import save_tiny
 from sodkern.trainer.rollout.chat import ChatFormat
 from sodkern.trainer.rollout.hf_engine import HFEngine
-from sodkern.trainer.rollout.loop import RolloutConfig, rollout
+from sodkern.trainer.rollout.loop import RolloutParams, rollout
 from sodkern.trainer.sandbox import CodeInterpreter
 from sodkern.trainer.tasks.data import Problem
 
@@ -79,7 +79,7 @@ def main() -> None:
         n = max(1, args.trajectories // len(QUESTIONS))
         messages = [[{"role": "user", "content": q}] for q in QUESTIONS]
         problems = [Problem(f"q{i}", "bench", "math", m, "0") for i, m in enumerate(messages)]
-        config = RolloutConfig(n=n, max_turns=args.max_turns, max_response_tokens=args.tokens, progress=False)
+        config = RolloutParams(n=n, max_turns=args.max_turns, max_response_tokens=args.tokens, progress=False)
 
         if not args.skip_hf:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

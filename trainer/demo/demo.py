@@ -262,10 +262,10 @@ def evaluate(model_dir: Path, problems: list, *, n: int, seed: int, out: Path) -
     """``sodkern eval``'s sampling, scoring and summary of ``n`` responses per held-out problem (the rollout
     loop, the real sandbox); writes its ``metrics.json`` and ``samples.jsonl`` to ``out``."""
     from sodkern.trainer.eval import sample_and_score, summarize, write_results
-    from sodkern.trainer.rollout.loop import RolloutConfig
+    from sodkern.trainer.rollout.loop import RolloutParams
 
     torch.manual_seed(seed)
-    config = RolloutConfig(n=n, max_turns=MAX_TURNS, max_response_tokens=MAX_RESPONSE_TOKENS, temperature=1.0,
+    config = RolloutParams(n=n, max_turns=MAX_TURNS, max_response_tokens=MAX_RESPONSE_TOKENS, temperature=1.0,
                            top_p=EVAL_TOP_P, progress=False)  # fmt: skip
     trajectories, seconds = sample_and_score(model_dir, problems, config)
     metrics = summarize(problems, trajectories, [n])

@@ -1,6 +1,6 @@
 """Chat and tool-call format of a rollout: prompts, tool-call parsing and tool observations as token ids.
 
-Qwen3 / Hermes tool calls (SOD.md §4): an assistant turn ends with
+Qwen3 / Hermes tool calls: an assistant turn ends with
 ``<tool_call>{"name": "code_interpreter", "arguments": {"code": "..."}}</tool_call>`` and the result comes
 back as a ``tool`` message, rendered by the model's own chat template. For a template without tool support
 (a template that renders neither the tool schema nor ``tool`` messages), a turn that ends with a fenced

@@ -67,8 +67,20 @@ class GenerationEngine(Protocol):
 
 
 @dataclass
-class RolloutConfig:
-    """Rollout settings (the recipe: temperature 1.0; eval top_p 0.6; 16 turns; 20,480 response tokens)."""
+class RolloutParams:
+    """How :func:`rollout` samples (the recipe: temperature 1.0; eval top_p 0.6; 16 turns; 20,480 response
+    tokens). The trainer builds it from the ``rollout:`` section of its config
+    (:class:`sodkern.trainer.config.RolloutConfig`), ``sodkern eval`` from its flags.
+
+    Attributes:
+        n: responses per problem.
+        max_turns: assistant turns per response.
+        max_response_tokens: tokens per response, tool observations included.
+        temperature: sampling temperature (0: greedy).
+        top_p: nucleus sampling (1.0: off).
+        top_k: top-k sampling (<= 0: off).
+        progress: show a progress bar.
+    """
 
     n: int = 1
     max_turns: int = 16
@@ -81,7 +93,7 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         if self.n < 1 or self.max_turns < 1 or self.max_response_tokens < 1:
             raise ValueError(
-                f"RolloutConfig: n, max_turns and max_response_tokens must be >= 1, got n={self.n}, "
+                f"RolloutParams: n, max_turns and max_response_tokens must be >= 1, got n={self.n}, "
                 f"max_turns={self.max_turns}, max_response_tokens={self.max_response_tokens}"
             )
 
@@ -146,7 +158,7 @@ def rollout(
     engine: GenerationEngine,
     chat: ChatFormat,
     tool: CodeInterpreter,
-    config: RolloutConfig,
+    config: RolloutParams,
 ) -> list[Trajectory]:
     """Sample ``config.n`` multi-turn trajectories per problem.
 
@@ -183,7 +195,7 @@ def _run_rounds(
     engine: GenerationEngine,
     chat: ChatFormat,
     tool: CodeInterpreter,
-    config: RolloutConfig,
+    config: RolloutParams,
     bar: tqdm,
 ) -> None:
     """The rounds of :func:`rollout`: generate a turn for every unfinished trajectory, run the tools."""

@@ -20,7 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from sodkern.trainer.rollout.chat import ChatFormat, ToolCall
-from sodkern.trainer.rollout.loop import Completion, RolloutConfig, SamplingParams, Trajectory, mask_spans
+from sodkern.trainer.rollout.loop import Completion, RolloutParams, SamplingParams, Trajectory, mask_spans
 from sodkern.trainer.rollout.vllm_engine import VLLMEngine, to_completion
 from sodkern.trainer.tasks.data import Problem
 
@@ -30,7 +30,7 @@ def rollout_async(
     engine: VLLMEngine,
     chat: ChatFormat,
     tool: Any,
-    config: RolloutConfig,
+    config: RolloutParams,
     *,
     tool_workers: int = 16,
 ) -> list[Trajectory]:

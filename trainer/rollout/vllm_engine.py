@@ -22,7 +22,8 @@ engine says so once in the log. Multi-turn continuations pass token ids (never r
 prefix cache, which :meth:`VLLMEngine.update_weights` resets. :func:`~sodkern.trainer.rollout.vllm_async.rollout_async`
 lets finished turns run their tool calls while the other trajectories keep generating.
 
-:func:`logprob_mismatch` measures the usual gap between the engine's log-probs and the trainer's.
+:func:`sodkern.trainer.metrics.logprob_mismatch` measures the usual gap between the engine's log-probs and the
+trainer's (the trainer logs it every step as ``rollout/logprob_diff_*``, ``rollout/kl_k3``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from typing import Any
 
 import torch
 
-from sodkern._validate import check_float, check_mask, check_same_shape
 from sodkern.trainer.rollout.loop import Completion, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -349,46 +349,3 @@ class VLLMEngine:
         group (which an in-process engine shares with the trainer): call it after the last collective."""
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
-
-
-def logprob_mismatch(
-    old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor | None = None
-) -> dict[str, float]:
-    """How far the engine's rollout log-probs are from the trainer's recomputed ones, over generated tokens.
-
-    With ``r = exp(old - rollout)`` per token (the importance ratio pi_trainer / pi_engine of the sampled
-    token, which the engine drew from pi_engine):
-
-    - ``rollout/logprob_diff_abs_mean`` / ``_max``: mean and max of ``|old - rollout|``;
-    - ``rollout/ratio_minus_1_mean``: mean of ``r - 1`` (0 in expectation when the two policies agree);
-    - ``rollout/kl_k3``: mean of ``r - 1 - log r``, the non-negative unbiased estimate of
-      KL(pi_engine || pi_trainer).
-
-    Args:
-        old_logprobs: ``[...]`` float, the trainer's log-probs of the sampled tokens.
-        rollout_logprobs: ``[...]`` float, the engine's (``Trajectory.logprobs``), same shape.
-        mask: ``[...]`` bool / 0-1, 1 on generated tokens (``response_mask``); None: every position.
-
-    Returns:
-        the four metrics as floats (0.0 when the mask selects nothing).
-    """
-    check_float(old_logprobs, "old_logprobs")
-    check_float(rollout_logprobs, "rollout_logprobs")
-    check_same_shape(old_logprobs, rollout_logprobs, "old_logprobs", "rollout_logprobs")
-    if mask is not None:
-        check_same_shape(old_logprobs, mask, "old_logprobs", "mask")
-        check_mask(mask, "mask")
-    sel = torch.ones_like(old_logprobs, dtype=torch.bool) if mask is None else mask.bool()
-    log_r = old_logprobs.double()[sel] - rollout_logprobs.double().to(old_logprobs.device)[sel]
-    if not bool(torch.isfinite(log_r).all()):
-        raise ValueError("old_logprobs / rollout_logprobs have a non-finite value where mask is 1")
-    if log_r.numel() == 0:  # nothing generated: no gap
-        log_r = torch.zeros(1, dtype=torch.float64)
-    log_r_clamped = log_r.clamp(-20, 20)  # as the PPO ratio is
-    r = log_r_clamped.exp()
-    return {
-        "rollout/logprob_diff_abs_mean": float(log_r.abs().mean()),
-        "rollout/logprob_diff_abs_max": float(log_r.abs().max()),
-        "rollout/ratio_minus_1_mean": float((r - 1).mean()),
-        "rollout/kl_k3": float((r - 1 - log_r_clamped).mean()),
-    }

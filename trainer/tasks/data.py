@@ -1,4 +1,4 @@
-"""Load RL / eval problems and SFT trajectories from parquet or JSONL files (SOD.md §4).
+"""Load RL / eval problems and SFT trajectories from parquet or JSONL files.
 
 Row layouts understood by :func:`load_problems` (detected per row, from its fields):
 

@@ -17,7 +17,7 @@ turn for Qwen3 / Hermes style templates.
 
 from __future__ import annotations
 
-# OpenAI-style function schema of the one tool the agent can call (SOD.md §4: Qwen3 / Hermes tool calls).
+# OpenAI-style function schema of the one tool the agent can call (Qwen3 / Hermes tool calls).
 CODE_INTERPRETER_TOOL: dict = {
     "type": "function",
     "function": {

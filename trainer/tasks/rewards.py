@@ -1,4 +1,4 @@
-"""Outcome rewards for agentic TIR responses (SOD.md §3): math, multiple choice, code; recipe shaping.
+"""Outcome rewards for agentic TIR responses: math, multiple choice, code; recipe shaping.
 
 Every built-in reward is on the +1 / -1 scale of the authors' script:
 
