@@ -13,8 +13,8 @@ import torch
 
 def _runs(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(row, start, end)`` of every maximal run of ``mask`` (``[B, T]`` bool), in row-major order, end exclusive."""
-    pad = torch.zeros(mask.shape[0], 1, dtype=torch.int8, device=mask.device)
-    edges = torch.diff(mask.to(torch.int8), dim=1, prepend=pad, append=pad)  # [B, T + 1]: +1 at starts, -1 at ends
+    pad = torch.zeros(mask.shape[0], 1, dtype=torch.uint8, device=mask.device)
+    edges = torch.diff(mask.view(torch.uint8), dim=1, prepend=pad, append=pad)  # [B, T + 1]: nonzero at run edges
     pos = edges.nonzero()  # starts and ends alternate within a row
     return pos[0::2, 0], pos[0::2, 1], pos[1::2, 1]
 
@@ -52,29 +52,31 @@ def compute_stepwise_opd_weights(
     B, T = response_mask.shape
     device = response_mask.device
     with torch.no_grad():
-        mask = response_mask == 1
+        mask = (response_mask == 1).contiguous()
         rows, starts, ends = _runs(mask)
         S = rows.numel()
         num_steps = torch.bincount(rows, minlength=B)
-        diff = torch.where(mask, (old_log_probs.detach() - ref_log_prob.detach()).abs(), 0).double()
-        csum = torch.nn.functional.pad(diff.cumsum(1), (1, 0))  # [B, T + 1]
-        n_tokens = ends - starts
-        d = (csum[rows, ends] - csum[rows, starts]) / n_tokens
-        # Step index within its row; the fork multiplies adjacent ratios left to right, so does cumprod per row.
+        # The flat [B*T] tokens are the segments gap_0, step_1, gap_1, ..., step_S, gap_S.
+        breaks = torch.stack([rows * T + starts, rows * T + ends], dim=1).flatten()
+        bounds = torch.cat([breaks.new_zeros(1), breaks, breaks.new_full((1,), B * T)])
+        lengths = bounds.diff()
+        gap = (old_log_probs.detach() - ref_log_prob.detach()).abs_().reshape(-1)  # the fork's |s - tau|
+        if S:
+            d = torch.segment_reduce(gap, "sum", lengths=lengths)[1::2].double() / (ends - starts)
+        else:
+            d = torch.zeros(0, dtype=torch.float64, device=device)
+        # The fork multiplies adjacent ratios left to right within a row: so does cumprod over a [B, K] grid.
         first = torch.cumsum(num_steps, 0) - num_steps
-        k = torch.arange(S, device=device) - first[rows]
-        prev = torch.where(k > 0, torch.arange(S, device=device) - 1, 0)
-        ratio = torch.where(k > 0, (d[prev] + epsilon) / (d + epsilon), 1.0)
+        index = torch.arange(S, device=device)
+        k = index - first[rows]
+        ratio = torch.where(k > 0, (d[(index - 1).clamp_min(0)] + epsilon) / (d + epsilon), 1.0)
         K = int(num_steps.max()) if B else 0
         grid = torch.ones(B, max(K, 1), dtype=torch.float64, device=device)
         grid[rows, k] = ratio
         w = torch.where(k > 0, torch.clamp_max(grid.cumprod(1)[rows, k], 1.0 + delta), 1.0)
-        # Token weights: the flat [B*T] array is gap_0, step_1, gap_1, ..., step_S, gap_S.
-        breaks = torch.stack([rows * T + starts, rows * T + ends], dim=1).flatten()
-        bounds = torch.cat([breaks.new_zeros(1), breaks, breaks.new_full((1,), B * T)])
         values = torch.zeros(2 * S + 1, dtype=torch.float32, device=device)
         values[1::2] = w.float()
-        weight_mask = torch.repeat_interleave(values, bounds.diff(), output_size=B * T).view(B, T)
+        weight_mask = torch.repeat_interleave(values, lengths, output_size=B * T).view(B, T)
         host = torch.stack([rows.double(), starts.double(), ends.double(), d, w]).cpu()  # the one host copy
     r_, s_, e_, d_, w_ = host.tolist()
     log_info: list[dict[str, Any]] = [
