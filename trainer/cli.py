@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 # subcommand -> (module with a ``main(argv)`` function, one-line help)
@@ -15,8 +16,30 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# What the commands import beyond the core ops (the ``[train]`` extra), as top-level module names.
+TRAIN_MODULES = ("transformers", "tokenizers", "safetensors", "pyarrow", "yaml", "math_verify", "tqdm", "rich")
+
+
+def missing_train_modules() -> list[str]:
+    """The ``[train]`` extra's modules that cannot be imported here."""
+    missing = []
+    for name in TRAIN_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ValueError:  # sys.modules[name] is None: the import is blocked
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    missing = missing_train_modules()
+    if missing:
+        extra = 'pip install "sodkern[train]"'
+        print(f"sodkern: the commands need the [train] extra (missing {', '.join(missing)}): {extra}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
         print("usage: sodkern {" + ",".join(SUBCOMMANDS) + "} ...\n")
         for name, (_, help_) in SUBCOMMANDS.items():
