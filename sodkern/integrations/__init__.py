@@ -1,1 +1,1 @@
-"""Integrations of sodkern into training frameworks. Each submodule imports its framework only when used."""
+"""Integrations of sodkern into training frameworks (each behind its own extra)."""
