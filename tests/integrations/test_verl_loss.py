@@ -236,6 +236,28 @@ def test_sod_loss_matches_float64(mode, loss_agg_mode):
     assert abs(other - want) > 1e-3
 
 
+def readme_overrides() -> list[str]:
+    """The override lines of the README's "SOD in verl" command, with its shell variables filled in."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = text.split("## SOD in verl", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line.strip().rstrip("\\").strip() for line in block.splitlines()]
+    lines = [line for line in lines if "=" in line and not line.startswith(("export", "python", "#"))]
+    return [line.replace("$TOOL_CONFIG", "/tools.yaml").replace("$TEACHER", "/models/teacher") for line in lines]
+
+
+def test_readme_overrides_build_verl_configs():
+    overrides = readme_overrides()
+    assert "distillation.distillation_loss.loss_mode=sod" in overrides and len(overrides) > 20
+    actor_config, distillation_config = verl_configs(
+        [*overrides, f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={MICRO}"]
+    )
+    loss_config = distillation_config.distillation_loss
+    assert (loss_config.loss_mode, loss_config.sod_delta, loss_config.sod_eps) == ("sod", 0.2, 1e-6)
+    assert loss_config.use_task_rewards and loss_config.loss_settings.use_estimator
+    assert (actor_config.clip_ratio_low, actor_config.clip_ratio_high, actor_config.clip_ratio_c) == (0.2, 0.28, 3.0)
+    assert actor_config.policy_loss.loss_mode == "vanilla" and actor_config.loss_agg_mode == "token-mean"
+
+
 def test_sod_needs_task_rewards():
     overrides = [*SOD_OVERRIDES, "distillation.distillation_loss.use_task_rewards=false"]
     actor_config, distillation_config = verl_configs(overrides)
