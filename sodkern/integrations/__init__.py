@@ -1,0 +1,1 @@
+"""Integrations of sodkern into training frameworks (each behind its own extra)."""
