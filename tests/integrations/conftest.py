@@ -46,12 +46,13 @@ def fine_tune(model: torch.nn.Module, tokenizer, tools: list, conversations: lis
 @pytest.fixture(scope="session")
 def tiny_tok():
     pytest.importorskip("trl")
-    from trl.chat_template_utils import qwen3_template
+    from trl.chat_template_utils import qwen3_schema, qwen3_template
 
     from sodkern.trainer.demo.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    tok.response_template = qwen3_template  # TRL's parser of Hermes / Qwen3 tool calls
+    tok.response_template = qwen3_template  # TRL's parser of Hermes / Qwen3 tool calls (transformers >= 5.13)
+    tok.response_schema = qwen3_schema  # the same for older transformers (with jmespath), e.g. a verl env
     return tok
 
 
