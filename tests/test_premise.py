@@ -53,7 +53,7 @@ def test_perfectly_separating_weights_give_auc_one_and_hold(tmp_path):
     assert check["clean"]["median"] >= 0.9 and check["after_error"]["median"] <= 0.3
     assert check["verdict"].startswith("the weights separate steps after an error from clean steps: AUC 1.00")
     assert check["d_ratio_correct"]["median"] == pytest.approx(0.5 / 0.5 * 1, rel=0.3)
-    json.dumps(check)  # JSON-ready
+    json.dumps(check, allow_nan=False)  # strict JSON
     path = plot_premise(check, log, tmp_path / "premise.png")
     import matplotlib.image
 
@@ -90,3 +90,12 @@ def test_sodkern_plot_writes_the_premise_check(tmp_path, capsys):
     check = json.loads((tmp_path / "plots" / "premise.json").read_text())
     assert check["auc"] == 1.0 and check["verdict"] in capsys.readouterr().out
     assert (tmp_path / "plots" / "premise.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_log_without_errors_has_no_auc_and_strict_json():
+    log = _labeled_log(lambda k, after, rng: rng.uniform(0.9, 1.2))
+    log = [r for r in log if r["correct"]]
+    check = premise_check(log)
+    assert check["auc"] is None and check["holds"] is False and check["after_error"]["n"] == 0
+    assert check["verdict"].startswith("no step after a wrong tool call in this log")
+    json.dumps(check, allow_nan=False)

@@ -154,6 +154,9 @@ def premise_check(records: list[dict]) -> dict:
         "wrong_final": _ratios_by_k([r for r in multi if r.get("correct") is False]),
     }
     out["position_r2"] = position_r2(multi)
+    for key in ("auc", "position_r2"):  # strict JSON: no NaN
+        if out[key] is not None and out[key] != out[key]:
+            out[key] = None
     out["verdict"] = verdict(out)
     return out
 
@@ -165,7 +168,7 @@ def _f(x: float | None) -> str:
 def verdict(check: dict) -> str:
     """One plain line: whether the weights separate steps after an error from clean steps."""
     r2 = check["position_r2"]
-    position = r2 == r2 and r2 >= POSITION_R2
+    position = r2 is not None and r2 == r2 and r2 >= POSITION_R2
     pos_text = f"SOD reduces to weighting by step position here (step index explains {100 * r2:.0f}% of w_k's variance)"
     if check["trajectories"] == 0:
         return "no trajectory with two or more weighted steps: nothing to check"
@@ -178,7 +181,7 @@ def verdict(check: dict) -> str:
     if check["after_error"]["n"] == 0:
         return f"no step after a wrong tool call in this log (median w_k on clean steps {_f(c)}): nothing to separate"
     medians = f"median w_k {_f(c)} on clean steps vs {_f(a)} after an error"
-    if area >= AUC_MIN:
+    if area is not None and area >= AUC_MIN:
         return f"the weights separate steps after an error from clean steps: AUC {_f(area)} ({medians})"
     return f"they do not: AUC {_f(area)} ({medians})" + ("; " + pos_text if position else "")
 
