@@ -367,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                     evals[label][seed] = evaluate(model_dir, problems, n=p.eval_n, seed=1000 + seed,
                                                   out=out / "eval" / f"seed{seed}" / label)  # fmt: skip
                     progress.advance(task)
+                    log.info("held-out eval of the %s (seed %d): average@%d %.1f%%", label, seed, p.eval_n,
+                             100 * evals[label][seed][f"average@{p.eval_n}"])  # fmt: skip
         with phase("premise check of the cold start"):
             torch.manual_seed(2000)
             premise_records = coldstart.premise_records(student, teacher, problems, n=p.eval_n, max_turns=MAX_TURNS,
