@@ -1,7 +1,7 @@
 """``sodkern demo``: the whole SOD story on a laptop CPU, in minutes, for real.
 
-    sodkern demo --quick            # the smoke run (CI): every phase, small budgets, 1-2 minutes on 2 cores
-    sodkern demo                    # the default run, about 7 minutes on 2 cores
+    sodkern demo --quick            # the smoke run (CI): every phase, small budgets
+    sodkern demo                    # the default run (the previous task took ~8 min on 2 cores; not re-measured)
     sodkern demo --seeds 3          # three RL seeds: mean ± std
 
 The phases, each through the project's own code paths (``sodkern.trainer.train.main`` for every training
@@ -47,7 +47,7 @@ log = logging.getLogger("sodkern.demo")
 METHODS = ("grpo", "opd", "sod")
 PROGRESS_EVERY_S = 30.0  # seconds between progress lines in the log (the bar is for terminals only)
 MARKER = ".sodkern-demo"  # marks a folder as the demo's own, so a re-run may replace its contents
-MAX_TURNS = 6  # 1 multiplication + up to 3 additions / subtractions + the answer, and one spare turn
+MAX_TURNS = 6  # up to 4 tool calls + the answer, and one spare turn
 MAX_RESPONSE_TOKENS = 320  # a correct response is at most ~130 tokens; an error message (a traceback) adds ~100
 EVAL_TOP_P = 0.6  # the recipe's evaluation sampling (SOD.md §3), temperature 1.0
 
