@@ -291,7 +291,7 @@ def evaluate(model_dir: Path, problems: list, *, n: int, seed: int, out: Path) -
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="sodkern demo", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="the smoke run: small budgets, 1-2 minutes on 2 cores")
+    ap.add_argument("--quick", action="store_true", help="the smoke run (CI): every phase, small budgets")
     ap.add_argument("--seeds", type=int, default=1, help="RL seeds (and evaluation seeds); >1 reports mean ± std")
     ap.add_argument("--output-dir", default="sodkern-demo", help="where everything goes (default ./sodkern-demo)")
     args = ap.parse_args(argv)
