@@ -105,10 +105,10 @@ def test_eval_mistakes_exit_2(tmp_path, capsys, monkeypatch):
     assert "missing.jsonl" in err and len(err.strip().splitlines()) == 1
 
 
-def test_configure_logging_once_to_stderr(capfd):
+def test_configure_logging_once_to_stdout(capfd):
     logger = configure_logging()
     configure_logging()
-    own = [h for h in logger.handlers if type(h).__name__ == "_StderrHandler"]
+    own = [h for h in logger.handlers if type(h).__name__ == "_StdoutHandler"]
     assert len(own) == 1 and logger.level == logging.INFO
     logging.getLogger("sodkern.train").info("step 1/2  loss 0.5")
-    assert "sodkern INFO step 1/2  loss 0.5" in capfd.readouterr().err
+    assert "sodkern INFO step 1/2  loss 0.5" in capfd.readouterr().out

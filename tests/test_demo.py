@@ -63,6 +63,29 @@ def test_quick_demo_writes_table_json_and_figures(quick_run):
         assert image.std() > 0.01, f"{name} is blank"
 
 
+def test_quick_demo_logs_progress_when_stdout_is_not_a_terminal(quick_run):
+    """``sodkern demo > demo.log``: one line per phase and progress lines of each training run (issue 13)."""
+    _, stdout = quick_run
+    for phase in ("data and models", "teacher SFT", "student cold-start SFT", "premise check of the cold start",
+                  *(f"RL {m} (seed 0)" for m in METHODS)):  # fmt: skip
+        assert f"sodkern.demo: phase: {phase}" in stdout, phase
+    assert "sodkern.demo: phase done: RL sod (seed 0)" in stdout
+    assert "sodkern.demo: RL opd (seed 0): step 6/6" in stdout  # a training run's progress line
+    assert "sodkern.demo: premise check of the cold start: " in stdout
+
+
+def test_quick_demo_reports_the_premise_check(quick_run):
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    cold = results["premise"]["cold_start"]
+    assert cold["labeled"] and cold["trajectories"] > 0 and cold["verdict"]
+    assert results["premise"]["sod_runs"]["labeled"] is False
+    records = [json.loads(line) for line in (out / "premise_steps.jsonl").read_text().splitlines()]
+    assert any(s["tool_ok"] is True for r in records for s in r["steps"])
+    assert cold["verdict"] in (out / "results.md").read_text()
+    assert (out / "premise.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_quick_demo_used_the_trainer_runs(quick_run):
     out, _ = quick_run
     for run in ("teacher_sft", "student_sft", *(f"seed0/{m}" for m in METHODS)):

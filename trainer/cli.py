@@ -1,7 +1,8 @@
 """The ``sodkern`` command: ``sodkern SUBCOMMAND ...``; each subcommand owns its own options.
 
 What every command shares lives here too: :func:`configure_logging` (the one ``sodkern`` logger, set up once
-per command, writing timestamped lines to stderr, so progress shows in a log file as well as in a terminal)
+per command, writing timestamped lines to stdout, so progress shows in a log file — ``sodkern demo > demo.log``
+— as well as in a terminal)
 and :func:`exit_on_user_error` (a mistake the user can fix, :class:`UserError`, is one line on stderr and exit
 status 2; ``--debug`` or ``SODKERN_DEBUG=1`` shows the traceback instead).
 """
@@ -37,30 +38,31 @@ def debug_enabled(flag: bool = False) -> bool:
 
 
 def configure_logging(debug: bool = False) -> logging.Logger:
-    """Set up the ``sodkern`` logger once: INFO (DEBUG with ``debug``) lines with a timestamp on stderr.
+    """Set up the ``sodkern`` logger once: INFO (DEBUG with ``debug``) lines with a timestamp on stdout (errors
+    a user can fix go to stderr: :func:`exit_on_user_error`).
 
     Library code logs to ``logging.getLogger("sodkern")`` or a child (``sodkern.train``, ...); a command calls
     this once at its start. Calling it again only updates the level.
     """
     logger = logging.getLogger("sodkern")
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s sodkern %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     return logger
 
 
-class _StderrHandler(logging.StreamHandler):
-    """A line per record to whatever ``sys.stderr`` is at the time (flushed: visible at once under nohup, tee,
-    CI), so a replaced stderr (a test's capture, a notebook) is followed."""
+class _StdoutHandler(logging.StreamHandler):
+    """A line per record to whatever ``sys.stdout`` is at the time (flushed: visible at once under nohup, tee,
+    CI), so a replaced stdout (a test's capture, rich's live progress display, a notebook) is followed."""
 
     def __init__(self) -> None:
-        super().__init__(sys.stderr)
+        super().__init__(sys.stdout)
 
     @property
     def stream(self):  # noqa: ANN201 (logging.StreamHandler's attribute)
-        return sys.stderr
+        return sys.stdout
 
     @stream.setter
     def stream(self, value) -> None:  # noqa: ANN001

@@ -6,11 +6,14 @@
   of SOD.md §2 (the paper's Figure 5), its step divergences d_k above its step weights w_k:
   stable (w_k stays near 1), erroneous (d_k rises, w_k falls and stays low), recovery (w_k falls, then rises
   back towards 1 + delta). The most pronounced example of each is drawn.
+- ``RUN_DIR/plots/premise.png`` and ``premise.json``: the premise check of :mod:`sodkern.trainer.premise` (do
+  the weights separate steps after a wrong tool call from clean steps?), its one-line verdict printed too.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import yaml
@@ -152,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     if (run / STEPS_FILE).exists():
         records = read_jsonl(run / STEPS_FILE)
         written.append(plot_patterns(records, out / "step_patterns.png", delta=delta, tol=args.tol))
+        from sodkern.trainer.premise import plot_premise, premise_check
+
+        check = premise_check(records)
+        (out / "premise.json").write_text(json.dumps(check, indent=2) + "\n")
+        written += [out / "premise.json", plot_premise(check, records, out / "premise.png", title=str(run))]
+        print(f"premise check: {check['verdict']}")
     for path in written:
         print(path)
     return 0

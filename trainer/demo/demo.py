@@ -1,7 +1,7 @@
 """``sodkern demo``: the whole SOD story on a laptop CPU, in minutes, for real.
 
-    sodkern demo --quick            # the smoke run (CI): every phase, small budgets, 1-2 minutes on 2 cores
-    sodkern demo                    # the default run, about 7 minutes on 2 cores
+    sodkern demo --quick            # the smoke run (CI): every phase, small budgets
+    sodkern demo                    # the default run (the previous task took ~8 min on 2 cores; not re-measured)
     sodkern demo --seeds 3          # three RL seeds: mean ± std
 
 The phases, each through the project's own code paths (``sodkern.trainer.train.main`` for every training
@@ -13,9 +13,12 @@ run, the rollout loop with the real code-interpreter sandbox, ``sodkern.trainer.
 3. student: a smaller Qwen3 model, cold-started with a short SFT on a few trajectories.
 4. held-out evaluation (average@k, pass@k; the rollout loop, :func:`sodkern.trainer.eval.summarize`) of the
    teacher and the cold-start student.
-5. RL: from that same cold-start student, ``grpo``, ``opd`` and ``sod`` with the same budget, per seed; each
-   run evaluates the held-out split every few steps and after its last step (``eval.*`` of the trainer).
-6. the report: ``results.md`` / ``results.json`` (the paper's Table 1 in miniature), ``accuracy.png`` (held-out
+5. premise check: the cold-start student's own rollouts (before any RL) scored by the teacher: do SOD's step
+   weights separate the steps after a wrong tool call from clean steps (:mod:`sodkern.trainer.premise`)?
+   ``premise.png``, ``premise_steps.jsonl`` and ``results.json["premise"]``.
+6. RL: from that same cold-start student, ``grpo``, ``opd`` and ``sod`` with the same budget, seed after seed;
+   each run evaluates the held-out split every few steps and after its last step (``eval.*`` of the trainer).
+7. the report: ``results.md`` / ``results.json`` (the paper's Table 1 in miniature), ``accuracy.png`` (held-out
    accuracy over RL steps per method, and the training rollouts' accuracy) and ``step_weights.png`` (d_k and
    w_k of real SOD trajectories: stable / erroneous / recovery, or a note where a pattern did not occur).
 
@@ -26,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -35,13 +40,16 @@ from pathlib import Path
 
 import torch
 
+from sodkern.trainer.cli import configure_logging
 from sodkern.trainer.demo import task as demo_task
 from sodkern.trainer.metrics import METRICS_FILE, STEPS_FILE, read_jsonl
 
+log = logging.getLogger("sodkern.demo")
 METHODS = ("grpo", "opd", "sod")
+PROGRESS_EVERY_S = 30.0  # seconds between progress lines in the log (the bar is for terminals only)
 MARKER = ".sodkern-demo"  # marks a folder as the demo's own, so a re-run may replace its contents
-MAX_TURNS = 6  # 1 multiplication + up to 3 additions / subtractions + the answer, and one spare turn
-MAX_RESPONSE_TOKENS = 160  # a full scripted response is at most ~60 generated + ~50 observation tokens
+MAX_TURNS = 6  # up to 4 tool calls + the answer, and one spare turn
+MAX_RESPONSE_TOKENS = 320  # a correct response is at most ~130 tokens; an error message (a traceback) adds ~100
 EVAL_TOP_P = 0.6  # the recipe's evaluation sampling (SOD.md §3), temperature 1.0
 
 
@@ -238,20 +246,27 @@ def watch(run_dir: Path, update):
 
 
 def run_training(overrides: list[str], run_dir: Path, progress, label: str, steps: int) -> Path:
-    """``sodkern train`` in this process, with a progress bar fed by its ``metrics.jsonl``; returns the
-    run's exported student (``run_dir/hf``)."""
+    """``sodkern train`` in this process, with a progress bar fed by its ``metrics.jsonl`` and a progress
+    line in the log every :data:`PROGRESS_EVERY_S` seconds; returns the run's exported student (``run_dir/hf``)."""
     from sodkern.trainer import train
 
     task = progress.add_task(label, total=steps, status="starting")
+    last_line = [time.perf_counter(), 0]
 
     def update(row: dict) -> None:
         status = f"loss {row['loss']:.3f}" if "loss" in row else ""
         if "accuracy" in row:
             status += f"  rollout acc {100 * row['accuracy']:.0f}%"
         progress.update(task, completed=row["step"], status=status)
+        now = time.perf_counter()
+        if row["step"] > last_line[1] and (now - last_line[0] >= PROGRESS_EVERY_S or row["step"] == steps):
+            last_line[:] = [now, row["step"]]
+            log.info("%s: step %d/%d %s", label, row["step"], steps, status)
 
     with watch(run_dir, update):
-        train.main(overrides)
+        status = train.main(overrides)
+    if status != 0:
+        raise RuntimeError(f"{label}: sodkern train exited with status {status} (its error is printed above)")
     return run_dir / "hf"
 
 
@@ -279,7 +294,7 @@ def evaluate(model_dir: Path, problems: list, *, n: int, seed: int, out: Path) -
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="sodkern demo", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="the smoke run: small budgets, 1-2 minutes on 2 cores")
+    ap.add_argument("--quick", action="store_true", help="the smoke run (CI): every phase, small budgets")
     ap.add_argument("--seeds", type=int, default=1, help="RL seeds (and evaluation seeds); >1 reports mean ± std")
     ap.add_argument("--output-dir", default="sodkern-demo", help="where everything goes (default ./sodkern-demo)")
     args = ap.parse_args(argv)
@@ -300,13 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from sodkern.trainer.demo import coldstart
     from sodkern.trainer.demo import plots as demo_plots
     from sodkern.trainer.plot import pattern_counts, plot_patterns
+    from sodkern.trainer.premise import plot_premise, premise_check
     from sodkern.trainer.tasks.data import load_problems
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     console = Console()
+    configure_logging()  # one line per phase and a periodic progress line, on stdout: ``sodkern demo > demo.log``
+    logging.getLogger("sodkern.train").setLevel(logging.WARNING)  # the demo's own progress line covers training
     name = "quick" if args.quick else "default"
     p, seeds, out = PRESETS[name], list(range(args.seeds)), Path(args.output_dir).resolve()
     prepare_output_dir(out)
@@ -318,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     @contextmanager
     def phase(label: str):
         t = time.perf_counter()
+        log.info("phase: %s", label)
         yield
         timings[label] = time.perf_counter() - t
+        log.info("phase done: %s (%.1f min)", label, timings[label] / 60)
 
     with Progress(*columns, console=console) as progress:
         with phase("data and models"):
@@ -343,14 +364,28 @@ def main(argv: list[str] | None = None) -> int:
                     evals[label][seed] = evaluate(model_dir, problems, n=p.eval_n, seed=1000 + seed,
                                                   out=out / "eval" / f"seed{seed}" / label)  # fmt: skip
                     progress.advance(task)
+                    log.info("held-out eval of the %s (seed %d): average@%d %.1f%%", label, seed, p.eval_n,
+                             100 * evals[label][seed][f"average@{p.eval_n}"])  # fmt: skip
+        with phase("premise check of the cold start"):
+            torch.manual_seed(2000)
+            premise_records = coldstart.premise_records(student, teacher, problems, n=p.eval_n, max_turns=MAX_TURNS,
+                                                        max_response_tokens=MAX_RESPONSE_TOKENS)  # fmt: skip
+            write_jsonl(out / "premise_steps.jsonl", premise_records)
+            premise = premise_check(premise_records)
+            log.info("premise check of the cold start: %s", premise["verdict"])
         for method in METHODS:
-            with phase(f"RL {method}"):
-                evals[method] = {}
-                for seed in seeds:
-                    run_dir = runs / f"seed{seed}" / method
-                    rl = rl_overrides(method, student, teacher, files["rl"], files["test"], p, seed, run_dir)
-                    run_training(rl, run_dir, progress, f"RL {method} (seed {seed})", p.rl_steps)
-                    evals[method][seed] = final_eval(run_dir, p.eval_n)
+            evals[method], timings[f"RL {method}"] = {}, 0.0
+        for seed in seeds:  # seed after seed: a run stopped early still has every method of its first seeds
+            for method in METHODS:
+                t = time.perf_counter()
+                log.info("phase: RL %s (seed %d)", method, seed)
+                run_dir = runs / f"seed{seed}" / method
+                rl = rl_overrides(method, student, teacher, files["rl"], files["test"], p, seed, run_dir)
+                run_training(rl, run_dir, progress, f"RL {method} (seed {seed})", p.rl_steps)
+                evals[method][seed] = final_eval(run_dir, p.eval_n)
+                timings[f"RL {method}"] += time.perf_counter() - t
+                log.info("phase done: RL %s (seed %d): held-out %s %.1f%%", method, seed, f"average@{p.eval_n}",
+                         100 * evals[method][seed][f"average@{p.eval_n}"])  # fmt: skip
 
     rl_runs = {m: {s: runs / f"seed{s}" / m for s in seeds} for m in METHODS}
     curves = {m: {s: read_jsonl(d / METRICS_FILE) for s, d in r.items()} for m, r in rl_runs.items()}
@@ -359,13 +394,17 @@ def main(argv: list[str] | None = None) -> int:
     results = demo_plots.summarize_results(evals, k=p.eval_n, timings=timings, wall_s=wall,
                                            preset={"name": name, **asdict(p)}, seeds=seeds)  # fmt: skip
     results["patterns"] = pattern_counts(sod_steps)
+    results["premise"] = {"cold_start": premise, "sod_runs": premise_check(sod_steps)}
+    cold_title = "premise check: the cold-start student's own rollouts (temperature 1.0), before any RL"
+    plot_premise(premise, premise_records, out / "premise.png", title=cold_title)
     demo_plots.plot_accuracy(curves, evals, p.eval_n, out / "accuracy.png")
     title = "SOD step divergences and weights of real trajectories from the demo's sod run(s)"
     plot_patterns(sod_steps, out / "step_weights.png", delta=0.2, title=title)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(demo_plots.results_markdown(results))
     demo_plots.print_results(results, console)
-    console.print(f"wrote {out / 'results.md'}, results.json, accuracy.png, step_weights.png ({wall / 60:.1f} min)")
+    console.print(f"wrote {out / 'results.md'}, results.json, accuracy.png, step_weights.png, premise.png "
+                  f"({wall / 60:.1f} min)")  # fmt: skip
     return 0
 
 

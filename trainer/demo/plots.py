@@ -130,6 +130,7 @@ def _notes(results: dict) -> list[str]:
         f"**Student:** {results['cold_start_note']}",
         f"**Step-weight patterns** among the SOD trajectories with at least 2 steps: stable {pat['stable']}, "
         f"erroneous {pat['erroneous']}, recovery {pat['recovery']}, none of these {pat['other']}.",
+        *_premise_notes(results.get("premise")),
         f"**Setup:** preset `{p['name']}`; held-out split of {p['eval_problems']} problems x {p['eval_n']} samples "
         f"(temperature 1.0, top-p 0.6; the RL rows are the evaluation each run made after its last step, the teacher "
         f"and cold-start rows the same evaluation of their saved models, one sampling seed per seed); RL "
@@ -137,6 +138,20 @@ def _notes(results: dict) -> list[str]:
         f"lr {p['rl_lr']:g}; seeds {results['seeds']}.",
         f"**Wall time:** {results['wall_time_s'] / 60:.1f} min ({phases}).",
     ]
+
+
+def _premise_notes(premise: dict | None) -> list[str]:
+    if not premise:
+        return []
+    cold = premise["cold_start"]
+    holds = {True: "holds", False: "does NOT hold", None: "cannot be checked"}[cold["holds"]]
+    notes = [f"**Premise of SOD, cold-start student's own rollouts before any RL:** {cold['verdict']}. The premise "
+             f"{holds} by the demo's thresholds (median w_k >= 0.8 on clean steps, <= 0.5 after the first wrong "
+             f"tool call, AUC >= 0.8; {cold['trajectories']} trajectories with 2+ steps)."]  # fmt: skip
+    if cold.get("d_ratio_correct") and cold["d_ratio_correct"]["median"] is not None:
+        notes[0] += f" Median d_k/d_1 on fully correct trajectories: {cold['d_ratio_correct']['median']:.2f}."
+    notes.append(f"**Premise in the SOD runs' step log** (no per-step labels there): {premise['sod_runs']['verdict']}.")
+    return notes
 
 
 def results_markdown(results: dict) -> str:

@@ -31,6 +31,7 @@ from sodkern.trainer.tasks.prompts import CODE_INTERPRETER_TOOL
 DATA_SOURCE = "demo_arith"
 SYSTEM = "Use the code_interpreter tool for each step, one at a time. Give the final answer in \\boxed{}."
 TIMES = {2: "twice", 3: "three times", 4: "four times"}
+MOD, CHECK = 1001, 7  # values are kept below 1001 = 7 * 11 * 13 and stay multiples of 7
 SPLIT_SEEDS = {"train": 1234, "test": 98765, "sft": 555}
 
 # The demo tokenizer's chat template: the Hermes / Qwen3 layout of :data:`sodkern.trainer.demo.tiny.CHAT_TEMPLATE`
@@ -97,30 +98,39 @@ def make_problems(n: int, split: str = "train", *, seed: int | None = None) -> l
 
 
 def apply_map(x: int, m: int, op: str, c: int) -> int:
-    """One application of the problem's map: ``x*m+c`` or ``x*m-c``."""
-    return x * m + c if op == "+" else x * m - c
+    """One application of the problem's map: ``(x*m+c) mod 1001`` or ``(x*m-c) mod 1001``."""
+    return (x * m + c if op == "+" else x * m - c) % MOD
 
 
 def _generate(rng: random.Random, n: int) -> Iterator[Problem]:
     for i in range(n):
         start, m, op, c, times = (
-            rng.randint(11, 99),
+            CHECK * rng.randint(15, 142),
             rng.randint(2, 5),
             rng.choice("+-"),
-            rng.randint(10, 99),
+            CHECK * rng.randint(2, 14),
             rng.randint(2, 4),
         )
-        question = f"Start at {start} and apply x*{m}{op}{c} {TIMES[times]}."
-        value = start
+        question = f"Start at {start} and apply x*{m}{op}{c} mod {MOD} {TIMES[times]}."
+        value, results = start, []
         for _ in range(times):
             value = apply_map(value, m, op, c)
+            results.append(str(value))
         yield Problem(
             uid=f"{DATA_SOURCE}/{i}",
             data_source=DATA_SOURCE,
             ability="math",
             messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
             ground_truth=str(value),
-            extra_info={"question": question, "start": start, "m": m, "op": op, "c": c, "times": times},
+            extra_info={
+                "question": question,
+                "start": start,
+                "m": m,
+                "op": op,
+                "c": c,
+                "times": times,
+                "tool_results": results,
+            },  # fmt: skip
         )
 
 
@@ -144,7 +154,7 @@ def solution_steps(problem: Problem) -> list[tuple[str, str]]:
     info = problem.extra_info
     value, steps = info["start"], []
     for _ in range(info["times"]):
-        code = f"print({value}*{info['m']}{info['op']}{info['c']})"
+        code = f"x={value};assert x%{CHECK}==0;print((x*{info['m']}{info['op']}{info['c']})%{MOD})"
         value = apply_map(value, info["m"], info["op"], info["c"])
         steps.append((code, str(value)))
     return steps
