@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 import threading
 import time
 from contextlib import contextmanager
