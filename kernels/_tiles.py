@@ -12,17 +12,13 @@ bf16 operands.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from ._interpret import interpreting
 
 
 def launch_config(*dtypes: torch.dtype) -> dict[str, Any]:

@@ -7,7 +7,8 @@ target column also returns that logit. The per-split partials, ``[splits, N]`` e
 (:func:`merge_lse_partials`), so no ``[N, V]`` tensor ever exists.
 
 Backward: grid (token blocks, vocabulary blocks), Cut-Cross-Entropy style. Each program recomputes its logits
-tile, forms ``dz = g * (onehot - p) / T`` and, in a second loop over ``H``, adds ``dz @ weight`` into
+tile, forms ``dz = (g * (onehot - p) - g_ent * p * (log p + entropy)) / T`` (the entropy term only when the
+entropy output has an upstream gradient) and, in a second loop over ``H``, adds ``dz @ weight`` into
 ``grad_hidden`` and ``dz.T @ hidden`` into ``grad_weight``. Both are fp32 buffers updated with fp32
 atomics (one kernel instead of two recomputing passes; the price is a non-deterministic summation order),
 cast to the input dtype by the caller. On GPU the ``dz`` operand of those two products is cast to the input
@@ -97,6 +98,8 @@ def _logprobs_bwd_kernel(
     tgt_ptr,
     lse_ptr,
     g_ptr,
+    ent_ptr,
+    ge_ptr,
     gh_ptr,
     gw_ptr,
     N,
@@ -112,6 +115,7 @@ def _logprobs_bwd_kernel(
     PRECISION: tl.constexpr,
     COMPUTE_DH: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
+    ENTROPY_GRAD: tl.constexpr,
 ):
     rows, row_mask = span(tl.program_id(0).to(tl.int64) * BLOCK_N, BLOCK_N, N)
     cols, col_mask = span(tl.program_id(1).to(tl.int64) * BLOCK_V, BLOCK_V, V)
@@ -122,10 +126,16 @@ def _logprobs_bwd_kernel(
         h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_t,
         BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION,
     )  # fmt: skip
-    p = tl.exp(z - lse[:, None])
+    log_p = z - lse[:, None]
+    p = tl.exp(log_p)
     onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
+    dz = (onehot - p) * g[:, None]
+    if ENTROPY_GRAD:  # dH/dz_j = -p_j (log p_j + H)
+        ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+        ge = tl.load(ge_ptr + rows, mask=row_mask, other=0.0)
+        dz -= p * (log_p + ent[:, None]) * ge[:, None]
     accumulate_grads(
-        (onehot - p) * (g * inv_t)[:, None], h_ptr, w_ptr, gh_ptr, gw_ptr, rows, cols, row_mask, col_mask, H,
+        dz * inv_t, h_ptr, w_ptr, gh_ptr, gw_ptr, rows, cols, row_mask, col_mask, H,
         stride_h, stride_w, BLOCK_H, UPCAST, PRECISION, COMPUTE_DH, COMPUTE_DW,
     )  # fmt: skip
 
@@ -199,6 +209,8 @@ def linear_logprobs_bwd(
     inv_temperature: float,
     need_hidden: bool,
     need_weight: bool,
+    entropy: torch.Tensor | None = None,
+    grad_entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward kernel.
 
@@ -210,6 +222,8 @@ def linear_logprobs_bwd(
         grad_logp: ``[N]`` float32, upstream gradient of ``logp``.
         inv_temperature: ``1 / T``.
         need_hidden / need_weight: which gradients to compute.
+        entropy: ``[N]`` float32 from :func:`linear_logprobs_fwd`, needed with ``grad_entropy``.
+        grad_entropy: ``[N]`` float32 or None, upstream gradient of the entropy.
 
     Returns:
         ``(grad_hidden [N, H], grad_weight [V, H])`` in the input dtype, None where not needed.
@@ -218,11 +232,15 @@ def linear_logprobs_bwd(
     v = weight.shape[0]
     cfg = launch_config(hidden.dtype)
     gh, gw = grad_buffers(hidden, weight, need_hidden, need_weight)
+    entropy_grad = grad_entropy is not None
+    if entropy_grad and entropy is None:
+        raise ValueError("linear_logprobs_bwd: grad_entropy needs the forward's entropy")
     if n > 0:
+        ent, ge = (entropy, grad_entropy) if entropy_grad else (lse, lse)  # lse stands in as unused pointers
         _logprobs_bwd_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))](
-            hidden, weight, targets, lse, grad_logp, gh, gw, n, v, h, hidden.stride(0), weight.stride(0),
-            inv_temperature, PRECISION=dot_precision(hidden.dtype), COMPUTE_DH=need_hidden,
-            COMPUTE_DW=need_weight, **cfg,
+            hidden, weight, targets, lse, grad_logp, ent, ge, gh, gw, n, v, h, hidden.stride(0),
+            weight.stride(0), inv_temperature, PRECISION=dot_precision(hidden.dtype), COMPUTE_DH=need_hidden,
+            COMPUTE_DW=need_weight, ENTROPY_GRAD=entropy_grad, **cfg,
         )  # fmt: skip
     return (
         gh.to(hidden.dtype) if need_hidden else None,

@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from sodkern.kernels._interpret import interpreting as triton_interpret
+
 Backend = Literal["torch", "triton"]
 
 
@@ -23,10 +25,6 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def select_backend(*tensors: torch.Tensor | None) -> Backend:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -37,3 +39,29 @@ def check_finite_where(x: torch.Tensor, mask: torch.Tensor, name: str) -> None:
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{name} has a non-finite value at {idx} where response_mask is 1")
+
+
+def check_temperature(temperature: float) -> float:
+    """Validate ``temperature`` and return ``1 / temperature``."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature must be a positive float, got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+    return 1.0 / float(temperature)
+
+
+def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, hidden_name: str, weight_name: str) -> None:
+    """``hidden [..., H]`` and ``weight [V, H]``: floating point, same dtype and device, matching ``H``."""
+    check_float(hidden, hidden_name)
+    check_float(weight, weight_name)
+    if weight.dim() != 2:
+        raise ValueError(f"{weight_name} must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{hidden_name} has shape {tuple(hidden.shape)} but {weight_name} is [V, H] = "
+            f"{tuple(weight.shape)}: the last dim of {hidden_name} must be H = {weight.shape[1]}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"{weight_name} has dtype {weight.dtype} but {hidden_name} has dtype {hidden.dtype}")
+    if hidden.device != weight.device:
+        raise ValueError(f"{weight_name} is on {weight.device} but {hidden_name} is on {hidden.device}")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import sodkern.ops.linear_logprobs as logprob_ops
+import sodkern.ops._torch as logprob_ops
+from sodkern.ops._torch import token_chunk_size
 from sodkern.ops.linear_kl import linear_reverse_kl
-from sodkern.ops.linear_logprobs import token_chunk_size
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib leaves tests/ off sys.path
 from _linear_ref import LargestTensor, assert_grad_close  # noqa: E402

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import sodkern.ops.linear_logprobs as ops
-from sodkern.ops.linear_logprobs import linear_logprobs, token_chunk_size
+import sodkern.ops._torch as ops
+from sodkern.ops._torch import token_chunk_size
+from sodkern.ops.linear_logprobs import linear_logprobs
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib leaves tests/ off sys.path
 from _linear_ref import LargestTensor, assert_grad_close  # noqa: E402
@@ -34,10 +35,15 @@ def make(lead, dtype, device, seed=0, scale=1.0, h=H, v=V):
     return hidden, weight, targets
 
 
-def reference_grads(hidden, weight, targets, grad, temperature):
+def reference_grads(hidden, weight, targets, grad, temperature, grad_entropy=None):
+    """fp64 autograd gradients of ``sum(logp * grad) + sum(entropy * grad_entropy)`` (either may be None)."""
     hd = hidden.detach().double().requires_grad_()
     wd = weight.detach().double().requires_grad_()
-    (reference(hd, wd, targets, temperature)[0] * grad.double()).sum().backward()
+    logp, ent = reference(hd, wd, targets, temperature)
+    loss = (logp * grad.double()).sum() if grad is not None else 0.0
+    if grad_entropy is not None:
+        loss = loss + (ent * grad_entropy.double()).sum()
+    loss.backward()
     return hd.grad, wd.grad
 
 
@@ -56,7 +62,7 @@ def test_matches_fp64_reference(backend, device, dtype, lead, monkeypatch):
     assert logp.dtype == torch.float32 and ent.dtype == torch.float32
     torch.testing.assert_close(logp.double().cpu(), ref_logp.cpu(), atol=5e-5, rtol=1e-5)
     torch.testing.assert_close(ent.double().cpu(), ref_ent.cpu(), atol=5e-5, rtol=1e-5)
-    assert not ent.requires_grad and logp.requires_grad
+    assert ent.requires_grad and logp.requires_grad
 
     grad = torch.randn(lead, generator=torch.Generator().manual_seed(1)).to(device)
     (logp * grad).sum().backward()
@@ -64,6 +70,41 @@ def test_matches_fp64_reference(backend, device, dtype, lead, monkeypatch):
     assert hidden.grad.dtype == dtype and weight.grad.dtype == dtype
     assert_grad_close(hidden.grad, ref_gh, dtype)
     assert_grad_close(weight.grad, ref_gw, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("outputs", ["entropy", "both"])
+def test_entropy_gradient_matches_fp64(backend, device, dtype, outputs, monkeypatch):
+    """The entropy is differentiable: dH/dz_j = -p_j (log p_j + H), alone or added to the log-prob gradient."""
+    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 4 * V)
+    lead = (3, 13)
+    hidden, weight, targets = make(lead, dtype, device, seed=6)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    logp, ent = linear_logprobs(hidden, weight, targets, temperature=T, return_entropy=True)
+    gen = torch.Generator().manual_seed(7)
+    grad_ent = torch.randn(lead, generator=gen).to(device)
+    grad = torch.randn(lead, generator=gen).to(device) if outputs == "both" else None
+    loss = (ent * grad_ent).sum() + ((logp * grad).sum() if grad is not None else 0.0)
+    loss.backward()
+    ref_gh, ref_gw = reference_grads(hidden, weight, targets, grad, T, grad_entropy=grad_ent)
+    assert hidden.grad.dtype == dtype and weight.grad.dtype == dtype
+    assert_grad_close(hidden.grad, ref_gh.to(device), dtype)
+    assert_grad_close(weight.grad, ref_gw.to(device), dtype)
+
+
+def test_entropy_gradcheck_fp64_torch_path(monkeypatch):
+    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 22)  # 2-token chunks
+    hidden, weight, targets = make((5,), torch.float64, "cpu", seed=8, h=6, v=11)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+
+    def f(h, w):
+        logp, ent = linear_logprobs(h, w, targets, temperature=1.3, return_entropy=True)
+        return logp, ent
+
+    assert torch.autograd.gradcheck(f, (hidden, weight))
+    assert torch.autograd.gradcheck(lambda h, w: f(h, w)[1], (hidden, weight))
 
 
 @pytest.mark.parametrize("frozen", ["hidden", "weight"])
@@ -149,8 +190,9 @@ _RSS_SCRIPT = textwrap.dedent(
     import os, resource, sys
     os.environ["SODKERN_BACKEND"] = "torch"
     import torch
+    import sodkern.ops._torch as helpers
     import sodkern.ops.linear_logprobs as ops
-    ops._CHUNK_ELEMENTS = 1 << 20
+    helpers._CHUNK_ELEMENTS = 1 << 20
     torch.manual_seed(0)
     V, H = 8192, 32
     w = (torch.randn(V, H) * 0.3).requires_grad_()

@@ -11,17 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from sodkern.kernels.linear_kl import linear_reverse_kl_bwd, linear_reverse_kl_fwd
-from sodkern.ops.linear_logprobs import (
-    acc_dtype,
-    check_lm_head,
-    check_temperature,
-    chunk_logits,
-    chunked_head_grads,
-    log_softmax_,
-    token_chunks,
-    use_triton,
-)
+from sodkern._validate import check_lm_head, check_temperature
+from sodkern.ops._torch import acc_dtype, chunk_logits, chunked_head_grads, log_softmax_, token_chunks
+from sodkern.ops.linear_logprobs import use_triton
 
 
 def _torch_fwd(
@@ -78,6 +70,8 @@ def _forward(
     sh: torch.Tensor, sw: torch.Tensor, th: torch.Tensor, tw: torch.Tensor, inv_temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(sh, sw, th, tw):
+        from sodkern.kernels.linear_kl import linear_reverse_kl_fwd  # lazy: Triton only when used
+
         return linear_reverse_kl_fwd(sh, sw, th, tw, inv_temperature)
     return _torch_fwd(sh, sw, th, tw, inv_temperature)
 
@@ -108,7 +102,8 @@ class LinearReverseKLFunction(torch.autograd.Function):
         sh, sw, th, tw, lse_s, lse_t, kl = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if use_triton(sh, sw, th, tw):
-            bwd = linear_reverse_kl_bwd
+            from sodkern.kernels.linear_kl import linear_reverse_kl_bwd as bwd
+
             grad_kl = grad_kl.float().contiguous()
         else:
             bwd = _torch_bwd

@@ -3,86 +3,22 @@
 Two backends with the same semantics (chosen by :func:`sodkern._backend.select_backend`):
 
 - ``triton``: the kernels of :mod:`sodkern.kernels.linear_logprobs` (CUDA, or the CPU interpreter);
-- ``torch``: the chunked loop below. Tokens are processed ``token_chunk_size(V)`` at a time, so one
-  ``[chunk, V]`` block (about ``2**25`` elements) exists at once; the backward pass recomputes the logits.
+- ``torch``: the chunked loop below (helpers in :mod:`sodkern.ops._torch`). Tokens are processed
+  ``token_chunk_size(V)`` at a time, so one ``[chunk, V]`` block (about ``2**25`` elements) exists at once;
+  the backward pass recomputes the logits.
+
+The kernels (and Triton) are imported only when the Triton backend runs.
 
 Float64 inputs always take the torch path (the kernels accumulate in fp32); it is there for ``gradcheck``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
-
 import torch
 
 from sodkern._backend import select_backend
-from sodkern._validate import check_float, check_targets
-from sodkern.kernels.linear_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
-
-_CHUNK_ELEMENTS = 1 << 25  # elements of one [chunk, V] logits block on the torch path
-
-
-def token_chunk_size(vocab_size: int) -> int:
-    """Tokens per chunk on the torch path, so a ``[chunk, vocab_size]`` block holds about ``2**25`` values."""
-    return max(1, _CHUNK_ELEMENTS // vocab_size)
-
-
-def token_chunks(n: int, vocab_size: int) -> Iterator[slice]:
-    """Row slices of ``token_chunk_size(vocab_size)`` tokens covering ``range(n)``."""
-    step = token_chunk_size(vocab_size)
-    return (slice(i, i + step) for i in range(0, n, step))
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_temperature(temperature: float) -> float:
-    """Validate ``temperature`` and return ``1 / temperature``."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ValueError(f"temperature must be a positive float, got {temperature!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
-    return 1.0 / float(temperature)
-
-
-def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, hidden_name: str, weight_name: str) -> None:
-    """``hidden [..., H]`` and ``weight [V, H]``: floating point, same dtype and device, matching ``H``."""
-    check_float(hidden, hidden_name)
-    check_float(weight, weight_name)
-    if weight.dim() != 2:
-        raise ValueError(f"{weight_name} must be 2-D [V, H], got shape {tuple(weight.shape)}")
-    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{hidden_name} has shape {tuple(hidden.shape)} but {weight_name} is [V, H] = "
-            f"{tuple(weight.shape)}: the last dim of {hidden_name} must be H = {weight.shape[1]}"
-        )
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"{weight_name} has dtype {weight.dtype} but {hidden_name} has dtype {hidden.dtype}")
-    if hidden.device != weight.device:
-        raise ValueError(f"{weight_name} is on {weight.device} but {hidden_name} is on {hidden.device}")
-
-
-def chunk_logits(hidden: torch.Tensor, weight_acc: torch.Tensor, inv_temperature: float) -> torch.Tensor:
-    """``hidden [C, H] @ weight_acc.T / T`` as a ``[C, V]`` block in ``weight_acc``'s (accumulation) dtype."""
-    z = hidden.to(weight_acc.dtype) @ weight_acc.T
-    if inv_temperature != 1.0:
-        z.mul_(inv_temperature)
-    return z
-
-
-def log_softmax_(z: torch.Tensor) -> torch.Tensor:
-    """Turn the ``[C, V]`` logits block ``z`` into log-probs in place; return its ``[C]`` logsumexp.
-
-    Shifting by the row max first keeps ``z - lse`` exact for large logits (no rounding of a big ``lse``).
-    """
-    top = z.amax(dim=-1, keepdim=True)
-    z.sub_(top)
-    log_total = torch.logsumexp(z, dim=-1, keepdim=True)
-    z.sub_(log_total)
-    return (top + log_total).squeeze(-1)
+from sodkern._validate import check_lm_head, check_targets, check_temperature
+from sodkern.ops._torch import acc_dtype, chunk_logits, chunked_head_grads, log_softmax_, token_chunks
 
 
 def _torch_fwd(
@@ -106,60 +42,41 @@ def _torch_fwd(
     return logp, lse, ent
 
 
-def chunked_head_grads(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    need_hidden: bool,
-    need_weight: bool,
-    chunk_dz: Callable[[slice, torch.Tensor, torch.Tensor], torch.Tensor],
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Backward through ``z = hidden @ weight.T``, one ``[chunk, V]`` block of ``dz`` at a time.
-
-    Args:
-        hidden: ``[N, H]`` float; weight: ``[V, H]`` same dtype (upcast once to the accumulation dtype).
-        need_hidden / need_weight: which gradients to compute.
-        chunk_dz: ``chunk_dz(rows, hidden_acc, weight_acc)`` returns ``dL/dz`` ``[C, V]`` (the ``1 / T`` factor
-            included) for the token slice ``rows``, given ``hidden[rows]`` ``[C, H]`` and ``weight`` ``[V, H]``
-            in the accumulation dtype.
-
-    Returns:
-        ``(grad_hidden [N, H], grad_weight [V, H])`` in the input dtype, None where not needed.
-    """
-    n, h = hidden.shape
-    acc = acc_dtype(hidden.dtype)
-    w = weight.to(acc)
-    gh = torch.empty((n, h), dtype=acc, device=hidden.device) if need_hidden else None
-    gw = torch.zeros((weight.shape[0], h), dtype=acc, device=hidden.device) if need_weight else None
-    for rows in token_chunks(n, weight.shape[0]):
-        h_c = hidden[rows].to(acc)
-        dz = chunk_dz(rows, h_c, w)
-        if gh is not None:
-            gh[rows] = dz @ w
-        if gw is not None:
-            gw.addmm_(dz.T, h_c)
-    return (
-        gh.to(hidden.dtype) if gh is not None else None,
-        gw.to(weight.dtype) if gw is not None else None,
-    )
-
-
 def _torch_bwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
     lse: torch.Tensor,
-    grad_logp: torch.Tensor,
+    grad_logp: torch.Tensor | None,
     inv_temperature: float,
     need_hidden: bool,
     need_weight: bool,
+    entropy: torch.Tensor | None = None,
+    grad_entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Chunked torch backward: recompute each logits block, ``dz = g * (onehot - p) / T``, two matmuls."""
+    """Chunked torch backward: recompute each logits block, then
+    ``dz = (g * (onehot - p) - g_ent * p * (log p + entropy)) / T`` and two matmuls.
+
+    ``grad_logp`` / ``grad_entropy``: ``[N]`` upstream gradients, either may be None (no gradient);
+    ``entropy`` ``[N]`` (the forward's) is needed with ``grad_entropy``.
+    """
     idx = targets.long()
-    g = grad_logp.to(acc_dtype(hidden.dtype)) * inv_temperature
+    acc = acc_dtype(hidden.dtype)
+    g = grad_logp.to(acc) * inv_temperature if grad_logp is not None else None
+    ge = grad_entropy.to(acc) * inv_temperature if grad_entropy is not None else None
 
     def chunk_dz(rows: slice, h_c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        dz = chunk_logits(h_c, w, inv_temperature).sub_(lse[rows, None]).exp_()  # p
-        return dz.mul_(-g[rows, None]).scatter_add_(1, idx[rows, None], g[rows, None])
+        log_p = chunk_logits(h_c, w, inv_temperature).sub_(lse[rows, None])
+        p = log_p.exp()
+        if ge is None:
+            dz = p.mul_(-g[rows, None])
+        else:  # dH/dz_j = -p_j (log p_j + H)
+            dz = log_p.add_(entropy[rows, None]).mul_(p).mul_(-ge[rows, None])
+            if g is not None:
+                dz.addcmul_(p, g[rows, None], value=-1.0)
+        if g is not None:
+            dz.scatter_add_(1, idx[rows, None], g[rows, None])
+        return dz
 
     return chunked_head_grads(hidden, weight, need_hidden, need_weight, chunk_dz)
 
@@ -175,6 +92,8 @@ def _forward(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temperature: float, entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     if use_triton(hidden, weight):
+        from sodkern.kernels.linear_logprobs import linear_logprobs_fwd  # lazy: Triton only when used
+
         return linear_logprobs_fwd(hidden, weight, targets, inv_temperature, entropy)
     return _torch_fwd(hidden, weight, targets, inv_temperature, entropy)
 
@@ -182,8 +101,9 @@ def _forward(
 class LinearLogprobsFunction(torch.autograd.Function):
     """Autograd wrapper on flattened inputs: ``hidden [N, H]``, ``weight [V, H]``, ``targets [N]``.
 
-    Saves ``hidden``, ``weight``, ``targets`` and the per-token ``lse [N]`` (not the logits); the backward
-    pass recomputes the logits block by block. The entropy output carries no gradient.
+    Saves ``hidden``, ``weight``, ``targets``, the per-token ``lse [N]`` and, with the entropy, the entropy
+    ``[N]`` (not the logits); the backward pass recomputes the logits block by block. Both outputs are
+    differentiable; an output that receives no gradient costs nothing in the backward.
     """
 
     @staticmethod
@@ -196,23 +116,29 @@ class LinearLogprobsFunction(torch.autograd.Function):
         entropy: bool,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         logp, lse, ent = _forward(hidden, weight, targets, inv_temperature, entropy)
-        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.save_for_backward(hidden, weight, targets, lse, ent)
         ctx.inv_temperature = inv_temperature
-        if ent is None:
-            return logp
-        ctx.mark_non_differentiable(ent)
-        return logp, ent
+        ctx.set_materialize_grads(False)
+        return logp if ent is None else (logp, ent)
 
     @staticmethod
-    def backward(ctx, grad_logp: torch.Tensor, *_grad_entropy: torch.Tensor):
-        hidden, weight, targets, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None = None):
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None
         if use_triton(hidden, weight):
-            bwd = linear_logprobs_bwd
-            grad_logp = grad_logp.float().contiguous()
+            from sodkern.kernels.linear_logprobs import linear_logprobs_bwd as bwd
+
+            grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous()
+            if grad_entropy is not None:
+                grad_entropy = grad_entropy.float().contiguous()
         else:
             bwd = _torch_bwd
-        gh, gw = bwd(hidden, weight, targets, lse, grad_logp, ctx.inv_temperature, need_hidden, need_weight)
+        gh, gw = bwd(
+            hidden, weight, targets, lse, grad_logp, ctx.inv_temperature, need_hidden, need_weight,
+            ent, grad_entropy,
+        )  # fmt: skip
         return gh, gw, None, None, None
 
 
@@ -236,12 +162,13 @@ def linear_logprobs(
         weight: ``[V, H]`` lm-head weight, same dtype and device as ``hidden``.
         targets: ``[...]`` (``hidden.shape[:-1]``) int64 or int32 token ids in ``[0, V)``.
         temperature: positive; logits are divided by it.
-        return_entropy: also return the full-vocabulary entropy of ``softmax(logits / temperature)``.
+        return_entropy: also return the full-vocabulary entropy of ``softmax(logits / temperature)``,
+            differentiable too (``dH/dz_j = -p_j (log p_j + H)``, e.g. for an entropy bonus).
 
     Returns:
         ``logp`` ``[...]`` float32 (float64 for fp64 inputs), differentiable w.r.t. ``hidden`` and
         ``weight``; with ``return_entropy=True`` the tuple ``(logp, entropy)``, where ``entropy`` ``[...]``
-        (same dtype) is returned without gradient (a constant for autograd).
+        (same dtype) is differentiable w.r.t. ``hidden`` and ``weight`` as well.
 
     Raises:
         ValueError: naming the argument, for a non-float ``hidden``/``weight``, mismatched shapes, dtypes or
