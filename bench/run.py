@@ -4,11 +4,12 @@
     python bench/run.py --preset gpu        # SOD.md §6 shapes, bf16, on one CUDA device
     python bench/run.py --preset tiny       # seconds; used by tests/test_bench_smoke.py
 
-For every op (per-token log-probs, per-token reverse KL, the SOD loss, the step weights) and every
-implementation (the naive torch baseline or the public reference loop, sodkern, Liger-Kernel, cut-cross-entropy)
-it measures forward and forward+backward time, peak extra memory and the max error to a float64 reference,
-and relates them to the baseline of the same run and to the floor: GEMM FLOPs at the matmul rate measured in
-this run, or bytes at the measured copy bandwidth. Implementations that are not installed or that reject the
+For every op (per-token log-probs with entropy, per-token reverse KL, the SOD loss, the step weights) and every
+implementation (the naive torch baseline or the public reference loop, sodkern's strategies torch / chunked /
+tiled, TRL, verl, Liger-Kernel, cut-cross-entropy; see bench/cases.py) it measures forward and forward+backward
+time, peak extra memory and the max error to a float64 reference, and relates them to the baseline of the same
+run and to the floor: GEMM FLOPs at the matmul rate measured in this run, or bytes at the measured copy
+bandwidth. Implementations that are not installed or that reject the
 device are rows with their status, never dropped. Results: ``<out>/bench_<preset>.{md,json,png}``.
 """
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 from cases import OPS  # noqa: E402
 from measure import copy_bandwidth, matmul_rate, run_job  # noqa: E402
+from peers import versions  # noqa: E402
 from report import shape_label, write_outputs  # noqa: E402
 
 PRESETS: dict[str, dict] = {
@@ -57,7 +59,7 @@ PRESETS: dict[str, dict] = {
         "repeat": 3,
         "min_total": 1.0,  # fast cases repeat until their timed calls add up to 1 s
         "shapes": {
-            "logprobs": [{"N": 8192, "H": 256, "V": 65536}],
+            "logprobs": [{"N": 4096, "H": 256, "V": 32768}],
             "reverse_kl": [{"N": 1024, "Hs": 256, "Ht": 384, "V": 32768}],
             "sod_loss": [{"B": 4, "T": 1024, "H": 256, "V": 32768}],
             "step_weights": [{"B": 32, "T": 8192}],
@@ -72,9 +74,9 @@ PRESETS: dict[str, dict] = {
             # (op, impl, mode, shape, metric, comparison, limit)
             (
                 "logprobs",
-                "sodkern linear_logprobs",
+                "sodkern linear_logprobs (chunked)",
                 "fwd+bwd",
-                {"N": 8192, "H": 256, "V": 65536},
+                {"N": 4096, "H": 256, "V": 32768},
                 "mem_ratio",
                 "<=",
                 0.25,
@@ -273,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": preset["dtype"],
         "torch": torch.__version__,
         "triton": _version("triton"),
-        "liger_kernel": _version("liger_kernel"),
-        "cut_cross_entropy": _version("cut_cross_entropy"),
+        **{k.replace("-", "_"): v for k, v in versions().items() if k != "triton"},
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "env": {k: os.environ[k] for k in ("SODKERN_BACKEND", "TRITON_INTERPRET") if k in os.environ},
