@@ -84,6 +84,27 @@ PRESETS: dict[str, dict] = {
             ("step_weights", "sodkern stepwise_weights", "fwd", {"B": 32, "T": 8192}, "speedup", ">=", 300.0),
         ],
     },
+    # bench/gpu_check.py's bench stage: SOD.md §6 shapes, the training step (fwd+bwd) only, inside ~3.5 minutes
+    "gpu_check": {
+        "dtype": "bfloat16",
+        "warmup": 0,
+        "repeat": 0,
+        "min_total": 0.0,
+        "modes": ["fwd+bwd"],
+        "shapes": {
+            "logprobs": [{"N": 20480, "H": h, "V": 151936} for h in (1024, 2048, 2560)],
+            "reverse_kl": [{"N": 8192, "Hs": 1024, "Ht": 2560, "V": 151936}],
+            "sod_loss": [{"B": 1, "T": 20480, "H": 2048, "V": 151936}],
+            "step_weights": [{"B": 1024, "T": 20480}],
+        },
+        "check": {
+            "logprobs": {"N": 512, "H": 1024, "V": 151936},
+            "reverse_kl": {"N": 256, "Hs": 1024, "Ht": 2560, "V": 151936},
+            "sod_loss": {"B": 2, "T": 256, "H": 1024, "V": 151936},
+            "step_weights": {"B": 4, "T": 2048},
+        },
+        "targets": [],
+    },
     "gpu": {
         "dtype": "bfloat16",
         "warmup": 0,
@@ -124,6 +145,8 @@ def jobs_for(preset: dict, device: str, ops: list[str], threads: int) -> list[di
     for name in ops:
         op = OPS[name]
         modes = [False, True] if op.grad_names else [False]
+        if "modes" in preset and op.grad_names:
+            modes = [m for m in modes if ("fwd+bwd" if m else "fwd") in preset["modes"]]
         for shape in preset["shapes"][name]:
             for backward in modes:
                 for impl in op.impls:
@@ -232,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda but torch sees no CUDA device")
-    if args.preset == "gpu" and not device.startswith("cuda"):
-        ap.error("--preset gpu needs a CUDA device (its shapes need ~40 GB); use --preset cpu here")
+    if args.preset.startswith("gpu") and not device.startswith("cuda"):
+        ap.error(f"--preset {args.preset} needs a CUDA device (its shapes need ~40 GB); use --preset cpu here")
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in ops if o not in OPS]
     if unknown:
@@ -243,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     jobs = jobs_for(preset, device, ops, args.threads)
     load_start = os.getloadavg()
+    # a subset of ops or a thread count gets its own files, so it never overwrites the full run
+    stem = f"bench_{args.preset}" + ("" if ops == list(OPS) else "_" + "-".join(ops))
+    stem += f"_threads{args.threads}" if args.threads else ""
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -265,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()  # in-process jobs: hand the last job's blocks back before the next
             rows.append({"op": job["op"], "impl": job["impl"], "shape": job["shape"], "mode": mode, **res})
             progress.advance(task)
+            # rows so far, so that a run killed at its timeout (bench/gpu_check.py) still leaves them
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{stem}.partial.json").write_text(json.dumps({"rows": rows}) + "\n")
         progress.update(task, description="floors (matmul rate, copy bandwidth)")
         rates = add_derived(rows, preset, device)
 
@@ -288,10 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_isolate and not device.startswith("cuda"):
         meta["note"] = "--no-isolate: CPU peak RSS measured in one process, after earlier jobs"
     out_console = Console() if Console().is_terminal else Console(width=240)
-    # a subset of ops or a thread count gets its own files, so it never overwrites the full run
-    stem = f"bench_{args.preset}" + ("" if ops == list(OPS) else "_" + "-".join(ops))
-    stem += f"_threads{args.threads}" if args.threads else ""
     write_outputs(args.out, stem, meta, rows, targets, out_console)
+    (args.out / f"{stem}.partial.json").unlink(missing_ok=True)
     return 0
 
 
