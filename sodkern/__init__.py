@@ -7,7 +7,11 @@ Public API (all inputs padded ``[B, T]`` as in verl's batches; log-probs float32
 - :func:`linear_reverse_kl` — per-token full-vocabulary KL(student || teacher), same memory bound.
 - :func:`sod_loss` — the whole SOD objective (weights, advantages, PPO dual clip) in one differentiable op.
 
-CUDA tensors run Triton kernels; CPU tensors a chunked torch path. ``SODKERN_BACKEND=torch|triton`` forces one.
+Each op takes ``backend="auto" | "chunked" | "tiled" | "torch"`` (default ``SODKERN_BACKEND``, else ``auto``:
+``chunked`` on CUDA, i.e. cuBLAS GEMMs on tiles folded by Triton kernels; ``torch`` on CPU). ``tiled`` is the
+all-Triton tile kernels. Triton is imported only when a Triton path runs: ``import sodkern`` works without it.
+Along the data path the names are ``old_logp`` (rollout log-probs, s), ``teacher_logp`` (tau) and
+``token_weights`` (w).
 """
 
 from sodkern.ops.linear_kl import linear_reverse_kl

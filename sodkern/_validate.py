@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import torch
 
@@ -65,3 +67,19 @@ def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, hidden_name: str, 
         raise ValueError(f"{weight_name} has dtype {weight.dtype} but {hidden_name} has dtype {hidden.dtype}")
     if hidden.device != weight.device:
         raise ValueError(f"{weight_name} is on {weight.device} but {hidden_name} is on {hidden.device}")
+
+
+def renamed_argument(value: Any, old_value: Any, name: str, old_name: str, function: str) -> Any:
+    """Resolve an argument that may come under its deprecated keyword ``old_name`` (with a DeprecationWarning).
+
+    Raises:
+        TypeError: both names given, or neither (the argument is required).
+    """
+    if old_value is None:
+        if value is None:
+            raise TypeError(f"{function}() missing required argument: '{name}'")
+        return value
+    if value is not None:
+        raise TypeError(f"{function}() got both '{name}' and its deprecated alias '{old_name}': pass only '{name}'")
+    warnings.warn(f"{function}(): '{old_name}' is deprecated, pass '{name}'", DeprecationWarning, stacklevel=3)
+    return old_value

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import torch
 
+from sodkern._validate import renamed_argument
+
 
 def reference_stepwise_weights(
-    student_logp: torch.Tensor,
-    teacher_logp: torch.Tensor,
-    response_mask: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    teacher_logp: torch.Tensor | None = None,
+    response_mask: torch.Tensor | None = None,
     eps: float = 1e-6,
     delta: float = 0.2,
+    *,
+    student_logp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token step weights computed the way the public reference does.
 
@@ -25,15 +29,18 @@ def reference_stepwise_weights(
     ``1 + delta``, into its slice.
 
     Args:
-        student_logp: ``[B, T]`` float32 rollout log-probs.
+        old_logp: ``[B, T]`` float32 rollout log-probs (``student_logp``: its deprecated name).
         teacher_logp: ``[B, T]`` float32 teacher log-probs.
         response_mask: ``[B, T]`` 0/1 mask.
     Returns:
         ``[B, T]`` float32 token weights (0 outside steps).
     """
+    old_logp = renamed_argument(old_logp, student_logp, "old_logp", "student_logp", "reference_stepwise_weights")
+    teacher_logp = renamed_argument(teacher_logp, None, "teacher_logp", "", "reference_stepwise_weights")
+    response_mask = renamed_argument(response_mask, None, "response_mask", "", "reference_stepwise_weights")
     B, T = response_mask.shape
     mask = response_mask.float()
-    weights = torch.zeros(B, T, dtype=torch.float32, device=student_logp.device)
+    weights = torch.zeros(B, T, dtype=torch.float32, device=old_logp.device)
     for i in range(B):
         spans = []
         t = 0
@@ -47,7 +54,7 @@ def reference_stepwise_weights(
                 t += 1
         divergences = []
         for a, b in spans:
-            diff = (student_logp[i, a:b] - teacher_logp[i, a:b]).abs() * mask[i, a:b]
+            diff = (old_logp[i, a:b] - teacher_logp[i, a:b]).abs() * mask[i, a:b]
             divergences.append(diff.sum().item() / mask[i, a:b].sum().item())
         w = 1.0
         for k, (a, b) in enumerate(spans):

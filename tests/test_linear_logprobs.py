@@ -240,3 +240,20 @@ def _bad(**changes):
 def test_bad_inputs_name_the_argument(args, name):
     with pytest.raises(ValueError, match=name):
         linear_logprobs(args["hidden"], args["weight"], args["targets"], temperature=args["temperature"])
+
+
+def test_gradcheck_fp64_chunked(monkeypatch):
+    """The chunked loop in float64 (torch folds), over ragged token and vocabulary tiles, logp and entropy."""
+    import sodkern.ops._chunked as chunked
+
+    monkeypatch.setattr(chunked, "TOKEN_TILE_DEFAULT", 2)
+    monkeypatch.setattr(chunked, "VOCAB_TILE", 4)
+    hidden, weight, targets = make((5,), torch.float64, "cpu", seed=9, h=6, v=11)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+
+    def f(h, w):
+        return linear_logprobs(h, w, targets, temperature=1.3, return_entropy=True, backend="chunked")
+
+    assert f(hidden, weight)[0].dtype == torch.float64
+    assert torch.autograd.gradcheck(f, (hidden, weight))

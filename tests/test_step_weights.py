@@ -9,6 +9,15 @@ from sodkern.ops.step_weights import stepwise_weights
 from sodkern.reference import reference_stepwise_weights
 
 
+@pytest.fixture(params=["torch", "tiled"])
+def backend(request, monkeypatch):
+    """Step weights have one Triton implementation ("tiled" and "chunked" both run it): two runs suffice."""
+    if request.param == "tiled":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("SODKERN_BACKEND", request.param)
+    return request.param
+
+
 def ref_float64(s, tau, mask, eps=1e-6, delta=0.2):
     """Independent float64 reference: lists of steps per row, then the telescoped formula."""
     B, T = mask.shape
@@ -149,8 +158,22 @@ def test_bad_inputs():
     bad[mask] = float("nan")
     with pytest.raises(ValueError, match="teacher_logp"):
         stepwise_weights(s, bad, mask)
-    with pytest.raises(ValueError, match="student_logp"):
+    with pytest.raises(ValueError, match="old_logp"):
         stepwise_weights(s[0], tau[0], mask[0])
+
+
+def test_old_keyword_name_still_works():
+    """``student_logp`` is the deprecated name of ``old_logp`` (one name per quantity along the data path)."""
+    s, tau, mask = random_case(3, 17)
+    expected = stepwise_weights(old_logp=s, teacher_logp=tau, response_mask=mask).token_weights
+    with pytest.warns(DeprecationWarning, match="old_logp"):
+        old = stepwise_weights(student_logp=s, teacher_logp=tau, response_mask=mask).token_weights
+    with pytest.warns(DeprecationWarning, match="old_logp"):
+        ref = reference_stepwise_weights(student_logp=s, teacher_logp=tau, response_mask=mask)
+    assert torch.equal(old, expected)
+    torch.testing.assert_close(ref, expected)
+    with pytest.raises(TypeError, match="old_logp"):
+        stepwise_weights(s, tau, mask, student_logp=s)
 
 
 def test_empty_batch(backend):

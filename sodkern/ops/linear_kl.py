@@ -1,9 +1,9 @@
 """Fused full-vocabulary reverse KL(p_student || p_teacher) per token, straight from the two lm heads.
 
 ``z_s = student_hidden @ student_weight.T / T``, ``z_t = teacher_hidden @ teacher_weight.T / T`` and
-``KL = sum_j p_s_j (log p_s_j - log p_t_j)``; neither ``[N, V]`` logits tensor is materialised. Backends
-as in :mod:`sodkern.ops.linear_logprobs`: the Triton kernels of :mod:`sodkern.kernels.linear_kl`, or a
-chunked torch loop over ``token_chunk_size(V)`` tokens (float64 inputs always take the torch path).
+``KL = sum_j p_s_j (log p_s_j - log p_t_j)``; neither ``[N, V]`` logits tensor is materialised. Strategies
+as in :mod:`sodkern.ops.linear_logprobs`: ``chunked`` (:mod:`sodkern.ops._chunked`), ``tiled`` (the Triton
+kernels of :mod:`sodkern.kernels.linear_kl`) or ``torch`` (a loop over ``token_chunk_size(V)`` tokens).
 Gradients flow to the student inputs only: ``dKL/dz_s_j = p_s_j * (log p_s_j - log p_t_j - KL)``.
 """
 
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from sodkern._backend import Backend, Strategy
 from sodkern._validate import check_lm_head, check_temperature
+from sodkern.ops import _chunked
 from sodkern.ops._torch import acc_dtype, chunk_logits, chunked_head_grads, log_softmax_, token_chunks
-from sodkern.ops.linear_logprobs import use_triton
+from sodkern.ops.linear_logprobs import strategy_for
 
 
 def _torch_fwd(
@@ -67,9 +69,11 @@ def _torch_bwd(
 
 
 def _forward(
-    sh: torch.Tensor, sw: torch.Tensor, th: torch.Tensor, tw: torch.Tensor, inv_temperature: float
+    strategy: Strategy, sh: torch.Tensor, sw: torch.Tensor, th: torch.Tensor, tw: torch.Tensor, inv_temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if use_triton(sh, sw, th, tw):
+    if strategy == "chunked":
+        return _chunked.reverse_kl_fwd(sh, sw, th, tw, inv_temperature)
+    if strategy == "tiled":
         from sodkern.kernels.linear_kl import linear_reverse_kl_fwd  # lazy: Triton only when used
 
         return linear_reverse_kl_fwd(sh, sw, th, tw, inv_temperature)
@@ -91,24 +95,30 @@ class LinearReverseKLFunction(torch.autograd.Function):
         teacher_hidden: torch.Tensor,
         teacher_weight: torch.Tensor,
         inv_temperature: float,
+        strategy: Strategy,
     ) -> torch.Tensor:
-        kl, lse_s, lse_t = _forward(student_hidden, student_weight, teacher_hidden, teacher_weight, inv_temperature)
+        kl, lse_s, lse_t = _forward(
+            strategy, student_hidden, student_weight, teacher_hidden, teacher_weight, inv_temperature
+        )
         ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, lse_s, lse_t, kl)
         ctx.inv_temperature = inv_temperature
+        ctx.strategy = strategy
         return kl
 
     @staticmethod
     def backward(ctx, grad_kl: torch.Tensor):
         sh, sw, th, tw, lse_s, lse_t, kl = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if use_triton(sh, sw, th, tw):
+        if ctx.strategy == "chunked":
+            bwd = _chunked.reverse_kl_bwd
+        elif ctx.strategy == "tiled":
             from sodkern.kernels.linear_kl import linear_reverse_kl_bwd as bwd
 
             grad_kl = grad_kl.float().contiguous()
         else:
             bwd = _torch_bwd
         gh, gw = bwd(sh, sw, th, tw, lse_s, lse_t, kl, grad_kl, ctx.inv_temperature, need_hidden, need_weight)
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def linear_reverse_kl(
@@ -118,6 +128,7 @@ def linear_reverse_kl(
     teacher_weight: torch.Tensor,
     *,
     temperature: float = 1.0,
+    backend: Backend | None = None,
 ) -> torch.Tensor:
     """Per-token full-vocabulary reverse KL(p_student || p_teacher) from the final hidden states and lm heads.
 
@@ -133,6 +144,8 @@ def linear_reverse_kl(
             (``Ht`` may differ from ``Hs``). Treated as a constant (detached).
         teacher_weight: ``[V, Ht]``, same dtype as ``teacher_hidden``, same vocabulary size ``V``. Constant.
         temperature: positive; both models' logits are divided by it.
+        backend: "auto", "chunked", "tiled" or "torch" (see :mod:`sodkern._backend`); default
+            ``SODKERN_BACKEND``, else "auto" (chunked on CUDA, torch on CPU).
 
     Returns:
         ``kl`` ``[...]`` float32 (float64 for fp64 student inputs), differentiable w.r.t. ``student_hidden``
@@ -164,10 +177,11 @@ def linear_reverse_kl(
     sh = student_hidden.reshape(-1, student_hidden.shape[-1])
     th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     sw, tw = student_weight, teacher_weight.detach()
-    if use_triton(sh, sw, th, tw):
+    strategy = strategy_for(backend, sh, sw, th, tw)
+    if strategy != "torch":
         sh, sw, th, tw = sh.contiguous(), sw.contiguous(), th.contiguous(), tw.contiguous()
     if torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad):
-        kl = LinearReverseKLFunction.apply(sh, sw, th, tw, inv_temperature)
+        kl = LinearReverseKLFunction.apply(sh, sw, th, tw, inv_temperature, strategy)
     else:  # nothing to differentiate: skip autograd so nothing is saved
-        kl = _forward(sh, sw, th, tw, inv_temperature)[0]
+        kl = _forward(strategy, sh, sw, th, tw, inv_temperature)[0]
     return kl.reshape(lead)

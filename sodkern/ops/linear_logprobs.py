@@ -1,23 +1,25 @@
 """Fused linear log-probs: ``log_softmax(hidden @ weight.T / T)[target]`` per token, never holding ``[N, V]``.
 
-Two backends with the same semantics (chosen by :func:`sodkern._backend.select_backend`):
+Three strategies with the same semantics (``backend=``, see :mod:`sodkern._backend`):
 
-- ``triton``: the kernels of :mod:`sodkern.kernels.linear_logprobs` (CUDA, or the CPU interpreter);
+- ``chunked``: cuBLAS/torch GEMMs on tiles folded by Triton (or torch) kernels (:mod:`sodkern.ops._chunked`);
+- ``tiled``: the kernels of :mod:`sodkern.kernels.linear_logprobs` (CUDA, or the CPU interpreter);
 - ``torch``: the chunked loop below (helpers in :mod:`sodkern.ops._torch`). Tokens are processed
   ``token_chunk_size(V)`` at a time, so one ``[chunk, V]`` block (about ``2**25`` elements) exists at once;
   the backward pass recomputes the logits.
 
 The kernels (and Triton) are imported only when the Triton backend runs.
 
-Float64 inputs always take the torch path (the kernels accumulate in fp32); it is there for ``gradcheck``.
+Float64 inputs never take the tile kernels (they accumulate in fp32); fp64 is there for ``gradcheck``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sodkern._backend import select_backend
+from sodkern._backend import Backend, Strategy, select_strategy
 from sodkern._validate import check_lm_head, check_targets, check_temperature
+from sodkern.ops import _chunked
 from sodkern.ops._torch import acc_dtype, chunk_logits, chunked_head_grads, log_softmax_, token_chunks
 
 
@@ -81,20 +83,29 @@ def _torch_bwd(
     return chunked_head_grads(hidden, weight, need_hidden, need_weight, chunk_dz)
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Triton backend for these inputs? Float64 always uses the torch path."""
-    if any(t.dtype == torch.float64 for t in tensors):
-        return False
-    return select_backend(*tensors) == "triton"
+def strategy_for(backend: str | None, *tensors: torch.Tensor) -> Strategy:
+    """The strategy for these inputs (:func:`sodkern._backend.select_strategy`); float64 never runs the tile
+    kernels (they accumulate in fp32): ``tiled`` falls back to ``torch`` for it."""
+    strategy = select_strategy(*tensors, backend=backend)
+    if strategy == "tiled" and any(t.dtype == torch.float64 for t in tensors):
+        return "torch"
+    return strategy
 
 
 def _forward(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temperature: float, entropy: bool
+    strategy: Strategy,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    inv_temperature: float,
+    entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    if use_triton(hidden, weight):
+    if strategy == "tiled":
         from sodkern.kernels.linear_logprobs import linear_logprobs_fwd  # lazy: Triton only when used
 
         return linear_logprobs_fwd(hidden, weight, targets, inv_temperature, entropy)
+    if strategy == "chunked":
+        return _chunked.logprobs_fwd(hidden, weight, targets, inv_temperature, entropy)
     return _torch_fwd(hidden, weight, targets, inv_temperature, entropy)
 
 
@@ -114,10 +125,12 @@ class LinearLogprobsFunction(torch.autograd.Function):
         targets: torch.Tensor,
         inv_temperature: float,
         entropy: bool,
+        strategy: Strategy,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        logp, lse, ent = _forward(hidden, weight, targets, inv_temperature, entropy)
+        logp, lse, ent = _forward(strategy, hidden, weight, targets, inv_temperature, entropy)
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
         ctx.inv_temperature = inv_temperature
+        ctx.strategy = strategy
         ctx.set_materialize_grads(False)
         return logp if ent is None else (logp, ent)
 
@@ -126,8 +139,10 @@ class LinearLogprobsFunction(torch.autograd.Function):
         hidden, weight, targets, lse, ent = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None
-        if use_triton(hidden, weight):
+            return None, None, None, None, None, None
+        if ctx.strategy == "chunked":
+            bwd = _chunked.logprobs_bwd
+        elif ctx.strategy == "tiled":
             from sodkern.kernels.linear_logprobs import linear_logprobs_bwd as bwd
 
             grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous()
@@ -139,7 +154,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
             hidden, weight, targets, lse, grad_logp, ctx.inv_temperature, need_hidden, need_weight,
             ent, grad_entropy,
         )  # fmt: skip
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def linear_logprobs(
@@ -149,6 +164,7 @@ def linear_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    backend: Backend | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target token under ``softmax(hidden @ weight.T / temperature)``.
 
@@ -164,6 +180,8 @@ def linear_logprobs(
         temperature: positive; logits are divided by it.
         return_entropy: also return the full-vocabulary entropy of ``softmax(logits / temperature)``,
             differentiable too (``dH/dz_j = -p_j (log p_j + H)``, e.g. for an entropy bonus).
+        backend: "auto", "chunked", "tiled" or "torch" (see :mod:`sodkern._backend`); default
+            ``SODKERN_BACKEND``, else "auto" (chunked on CUDA, torch on CPU).
 
     Returns:
         ``logp`` ``[...]`` float32 (float64 for fp64 inputs), differentiable w.r.t. ``hidden`` and
@@ -188,13 +206,14 @@ def linear_logprobs(
     lead = hidden.shape[:-1]
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     targets1d = targets.reshape(-1)
-    if use_triton(hidden2d, weight):
+    strategy = strategy_for(backend, hidden2d, weight)
+    if strategy != "torch":
         hidden2d, weight, targets1d = hidden2d.contiguous(), weight.contiguous(), targets1d.contiguous()
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        out = LinearLogprobsFunction.apply(hidden2d, weight, targets1d, inv_temperature, return_entropy)
+        out = LinearLogprobsFunction.apply(hidden2d, weight, targets1d, inv_temperature, return_entropy, strategy)
         logp, ent = out if return_entropy else (out, None)
     else:  # nothing to differentiate: skip autograd so nothing is saved
-        logp, _, ent = _forward(hidden2d, weight, targets1d, inv_temperature, return_entropy)
+        logp, _, ent = _forward(strategy, hidden2d, weight, targets1d, inv_temperature, return_entropy)
     if ent is None:
         return logp.reshape(lead)
     return logp.reshape(lead), ent.reshape(lead)

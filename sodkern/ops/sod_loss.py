@@ -3,6 +3,11 @@
 Only tokens with ``response_mask = 1`` go through the lm head; logits are never materialised (the log-probs
 come from :func:`sodkern.linear_logprobs`, chunked over tokens and vocabulary), and the backward pass flows
 through the same fused op.
+
+With the ``chunked`` strategy and ``divergence="logprob"`` the gradient is computed in the forward
+(:func:`sodkern.ops._chunked.fused_logprob_loss`): the step weights and advantages do not depend on the
+current policy, so each token's upstream gradient is known as soon as its log-prob is, and the lm head costs
+3 GEMM passes (logits, grad hidden, grad weight) instead of 4 (the backward would recompute the logits).
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from typing import Literal
 
 import torch
 
-from sodkern._validate import check_float, check_same_shape
+from sodkern._backend import Backend
+from sodkern._validate import check_float, check_lm_head, check_same_shape, check_targets, check_temperature
+from sodkern.ops import _chunked
 from sodkern.ops.linear_kl import linear_reverse_kl
-from sodkern.ops.linear_logprobs import linear_logprobs
+from sodkern.ops.linear_logprobs import linear_logprobs, strategy_for
 from sodkern.ops.step_weights import StepWeights, stepwise_weights
 
 Weighting = Literal["sod", "uniform", "none"]
@@ -75,6 +82,27 @@ def ppo_dual_clip_loss(
     return loss, (pg2 > pg1).detach(), dual.detach()
 
 
+class FusedPolicyLossFunction(torch.autograd.Function):
+    """``(loss, logp)`` of :func:`sodkern.ops._chunked.fused_logprob_loss`; the gradients are computed in
+    the forward and scaled by the loss's upstream gradient in the backward. ``logp`` is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_temperature, token_loss):
+        loss, logp, gh, gw = _chunked.fused_logprob_loss(
+            hidden, weight, targets, inv_temperature, token_loss, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        ctx.save_for_backward(gh, gw)
+        ctx.mark_non_differentiable(logp)
+        return loss, logp
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_logp: torch.Tensor):
+        gh, gw = ctx.saved_tensors
+        gh = gh * grad_loss.to(gh.dtype) if gh is not None else None
+        gw = gw * grad_loss.to(gw.dtype) if gw is not None else None
+        return gh, gw, None, None, None
+
+
 def sod_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -96,6 +124,7 @@ def sod_loss(
     teacher_hidden: torch.Tensor | None = None,
     teacher_weight: torch.Tensor | None = None,
     num_tokens: int | float | torch.Tensor | None = None,
+    backend: Backend | None = None,
 ) -> SODLossOutput:
     """SOD loss of a padded batch.
 
@@ -119,6 +148,9 @@ def sod_loss(
         teacher_weight: ``[V, Ht]`` teacher lm-head weight, for ``divergence="full_kl"``.
         num_tokens: normaliser of the token mean (default: mask tokens of this batch); pass the mini-batch's token
             count when accumulating gradients over micro-batches.
+        backend: "auto", "chunked", "tiled" or "torch" for the fused lm-head ops (see :mod:`sodkern._backend`);
+            default ``SODKERN_BACKEND``, else "auto". "chunked" with ``divergence="logprob"`` computes the
+            gradient in the forward (3 GEMM passes).
 
     Returns:
         :class:`SODLossOutput`.
@@ -154,22 +186,30 @@ def sod_loss(
 
     flat = m.reshape(-1).nonzero().squeeze(1)
     h_sel = hidden.reshape(B * T, H).index_select(0, flat)
-    logp_sel = linear_logprobs(h_sel, weight, targets.reshape(-1).index_select(0, flat), temperature=temperature)
+    t_sel = targets.reshape(-1).index_select(0, flat)
     n_tok = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=hidden.device)
     denom = n_tok.clamp_min(1).float()
+    fused = (
+        not full_kl
+        and torch.is_grad_enabled()
+        and (hidden.requires_grad or weight.requires_grad)
+        and strategy_for(backend, hidden, weight) == "chunked"
+    )
 
     steps = None
     kl_sel = None
+    logp_sel = None
     if full_kl:
+        logp_sel = linear_logprobs(h_sel, weight, t_sel, temperature=temperature, backend=backend)
         th = teacher_hidden.reshape(B * T, teacher_hidden.shape[-1]).index_select(0, flat)
-        kl_sel = linear_reverse_kl(h_sel, weight, th, teacher_weight, temperature=temperature)
+        kl_sel = linear_reverse_kl(h_sel, weight, th, teacher_weight, temperature=temperature, backend=backend)
         signal = zeros.reshape(-1).index_put((flat,), kl_sel.detach().float()).reshape(B, T)
-        div_a, div_b = signal, zeros  # d_k = step mean of |KL - 0|
+        step_signal, step_baseline = signal, zeros  # d_k = step mean of |KL - 0|
     elif needs_tau:
         tau = teacher_logp.detach().float()
-        div_a, div_b = old, tau
+        step_signal, step_baseline = old, tau
     if weighting == "sod":
-        steps = stepwise_weights(div_a, div_b, response_mask, eps=eps, delta=delta)
+        steps = stepwise_weights(step_signal, step_baseline, response_mask, eps=eps, delta=delta, backend=backend)
         w = steps.token_weights
     elif weighting == "uniform":
         w = m.float()
@@ -182,15 +222,26 @@ def sod_loss(
         total_adv = adv + opd_coef * w * opd
     total_adv = torch.where(m, total_adv, 0.0)
 
-    pg, clipped, dual = ppo_dual_clip_loss(
-        logp_sel.float(),
-        old.reshape(-1)[flat],
-        total_adv.reshape(-1)[flat],
-        clip_low=clip_low,
-        clip_high=clip_high,
-        clip_c=clip_c,
-    )
-    pg_loss = pg.sum() / denom
+    old_sel, adv_sel = old.reshape(-1)[flat], total_adv.reshape(-1)[flat]
+    clip = {"clip_low": clip_low, "clip_high": clip_high, "clip_c": clip_c}
+    if fused:  # gradient in the forward: weights and advantages are known before the current log-probs
+        check_lm_head(hidden, weight, "hidden", "weight")
+        check_targets(t_sel, weight.shape[0])
+
+        def token_loss(lp: torch.Tensor, rows: slice) -> torch.Tensor:
+            return ppo_dual_clip_loss(lp.float(), old_sel[rows], adv_sel[rows], **clip)[0].sum() / denom
+
+        pg_loss, logp_sel = FusedPolicyLossFunction.apply(
+            h_sel.contiguous(), weight.contiguous(), t_sel, check_temperature(temperature), token_loss
+        )
+        pg_loss = pg_loss.float()
+        with torch.no_grad():
+            _, clipped, dual = ppo_dual_clip_loss(logp_sel.float(), old_sel, adv_sel, **clip)
+    else:
+        if logp_sel is None:
+            logp_sel = linear_logprobs(h_sel, weight, t_sel, temperature=temperature, backend=backend)
+        pg, clipped, dual = ppo_dual_clip_loss(logp_sel.float(), old_sel, adv_sel, **clip)
+        pg_loss = pg.sum() / denom
     loss = pg_loss
     metrics: dict[str, torch.Tensor] = {}
     if kl_sel is not None:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sodkern._backend import select_backend, triton_interpret
-from sodkern._validate import check_finite_where, check_float, check_same_shape
+from sodkern._backend import Backend, select_strategy, triton_interpret
+from sodkern._validate import check_finite_where, check_float, check_same_shape, renamed_argument
 
 
 @dataclass
@@ -63,7 +63,7 @@ def _torch_path(
     x = (s - tau).abs_().reshape(-1)
     sums = torch.segment_reduce(x, "sum", lengths=lengths)[1::2].double() if rows.numel() else x.new_zeros(0).double()
     if not bool(torch.isfinite(sums).all()):
-        check_finite_where(s, m, "student_logp")
+        check_finite_where(s, m, "old_logp")
         check_finite_where(tau, m, "teacher_logp")
     d_flat = sums / (ends - starts).double()
     first = torch.cumsum(num_steps, 0) - num_steps  # index of each row's first step
@@ -76,36 +76,45 @@ def _torch_path(
     w[rows, k] = w_flat
     vals = torch.zeros(lengths.numel(), dtype=torch.float32, device=m.device)
     vals[1::2] = w_flat.float()
-    tw = torch.repeat_interleave(vals, lengths, output_size=B * T).view(B, T)
-    return tw, d, w, num_steps
+    token_weights = torch.repeat_interleave(vals, lengths, output_size=B * T).view(B, T)
+    return token_weights, d, w, num_steps
 
 
 def stepwise_weights(
-    student_logp: torch.Tensor,
-    teacher_logp: torch.Tensor,
-    response_mask: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    teacher_logp: torch.Tensor | None = None,
+    response_mask: torch.Tensor | None = None,
     *,
     eps: float = 1e-6,
     delta: float = 0.2,
+    backend: Backend | None = None,
+    student_logp: torch.Tensor | None = None,
 ) -> StepWeights:
     """SOD step divergences and weights for a padded batch.
 
     Args:
-        student_logp: ``[B, T]`` float, rollout (old-policy) log-prob of each sampled token.
+        old_logp: ``[B, T]`` float, rollout (old-policy) log-prob ``s`` of each sampled token.
         teacher_logp: ``[B, T]`` float, teacher log-prob of the same tokens; must be finite where the mask is 1.
         response_mask: ``[B, T]`` bool/int/float with values 0/1; 1 on tokens the student generated.
         eps: added to every divergence before the ratio (SOD default 1e-6).
         delta: weights are clipped to at most ``1 + delta`` (SOD training script: 0.2).
+        backend: "torch" or a Triton one ("tiled" and "chunked" both run the step kernels of
+            :mod:`sodkern.kernels.step_weights`); default ``SODKERN_BACKEND``, else "auto" (Triton on CUDA).
+
+        student_logp: deprecated name of ``old_logp``.
 
     Returns:
         :class:`StepWeights`. No gradient flows through any of its tensors.
     """
-    if student_logp.dim() != 2:
-        raise ValueError(f"student_logp must be [B, T], got shape {tuple(student_logp.shape)}")
-    check_float(student_logp, "student_logp")
+    old_logp = renamed_argument(old_logp, student_logp, "old_logp", "student_logp", "stepwise_weights")
+    teacher_logp = renamed_argument(teacher_logp, None, "teacher_logp", "", "stepwise_weights")
+    response_mask = renamed_argument(response_mask, None, "response_mask", "", "stepwise_weights")
+    if old_logp.dim() != 2:
+        raise ValueError(f"old_logp must be [B, T], got shape {tuple(old_logp.shape)}")
+    check_float(old_logp, "old_logp")
     check_float(teacher_logp, "teacher_logp")
-    check_same_shape(student_logp, teacher_logp, "student_logp", "teacher_logp")
-    check_same_shape(student_logp, response_mask, "student_logp", "response_mask")
+    check_same_shape(old_logp, teacher_logp, "old_logp", "teacher_logp")
+    check_same_shape(old_logp, response_mask, "old_logp", "response_mask")
     if response_mask.dtype == torch.bool:
         m = response_mask.contiguous()
     else:
@@ -114,10 +123,12 @@ def stepwise_weights(
             raise ValueError("response_mask must contain only 0 and 1")
 
     with torch.no_grad():
-        s, tau = student_logp.detach(), teacher_logp.detach()
-        if select_backend(s, tau, response_mask) == "torch":
-            tw, d, w, num_steps = _torch_path(s.float(), tau.float(), m, eps, delta)
-            return StepWeights(token_weights=tw, step_divergence=d.float(), step_weights=w.float(), num_steps=num_steps)
+        s, tau = old_logp.detach(), teacher_logp.detach()
+        if select_strategy(s, tau, response_mask, backend=backend) == "torch":
+            token_weights, d, w, num_steps = _torch_path(s.float(), tau.float(), m, eps, delta)
+            return StepWeights(
+                token_weights=token_weights, step_divergence=d.float(), step_weights=w.float(), num_steps=num_steps
+            )
 
         from sodkern.kernels import step_weights as kern
 
@@ -127,7 +138,7 @@ def stepwise_weights(
         K = int(num_steps.max()) if num_steps.numel() else 0
         sums, counts = kern.step_sums(s.contiguous(), tau.contiguous(), mask, K, interpret=interpret)
         if not bool(torch.isfinite(sums).all()):  # a non-finite value inside a step: name the argument
-            check_finite_where(s, m, "student_logp")
+            check_finite_where(s, m, "old_logp")
             check_finite_where(tau, m, "teacher_logp")
         valid = torch.arange(K, device=s.device) < num_steps[:, None]
         d = torch.where(valid, sums.double() / counts.double().clamp_min(1), torch.nan)
@@ -136,5 +147,5 @@ def stepwise_weights(
         if K:
             w[:, 0] = torch.where(valid[:, 0], 1.0, torch.nan)
         w32 = w.float()
-        tw = kern.token_weights(mask, torch.nan_to_num(w32, nan=0.0).contiguous(), interpret=interpret)
-    return StepWeights(token_weights=tw, step_divergence=d.float(), step_weights=w32, num_steps=num_steps)
+        token_weights = kern.token_weights(mask, torch.nan_to_num(w32, nan=0.0).contiguous(), interpret=interpret)
+    return StepWeights(token_weights=token_weights, step_divergence=d.float(), step_weights=w32, num_steps=num_steps)
