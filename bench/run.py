@@ -59,7 +59,7 @@ PRESETS: dict[str, dict] = {
         "repeat": 3,
         "min_total": 1.0,  # fast cases repeat until their timed calls add up to 1 s
         "shapes": {
-            "logprobs": [{"N": 4096, "H": 256, "V": 32768}],
+            "logprobs": [{"N": 2048, "H": 256, "V": 32768}],
             "reverse_kl": [{"N": 1024, "Hs": 256, "Ht": 384, "V": 32768}],
             "sod_loss": [{"B": 4, "T": 1024, "H": 256, "V": 32768}],
             "step_weights": [{"B": 32, "T": 8192}],
@@ -76,7 +76,7 @@ PRESETS: dict[str, dict] = {
                 "logprobs",
                 "sodkern linear_logprobs (chunked)",
                 "fwd+bwd",
-                {"N": 4096, "H": 256, "V": 32768},
+                {"N": 2048, "H": 256, "V": 32768},
                 "mem_ratio",
                 "<=",
                 0.25,

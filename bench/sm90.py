@@ -169,6 +169,7 @@ def _tiled_logprobs() -> None:
         lse, grad = torch.zeros(n), torch.ones(n)
         for dh, dw in ((True, True), (True, False), (False, True)):
             k.linear_logprobs_bwd(hidden, weight, targets, lse, grad, 1.0, dh, dw)
+        k.linear_logprobs_bwd(hidden, weight, targets, lse, grad, 1.0, True, True, lse, grad)  # entropy gradient
 
 
 def _tiled_kl() -> None:
@@ -185,6 +186,24 @@ def _tiled_kl() -> None:
             k.linear_reverse_kl_bwd(hs_, ws_, ht_, wt_, z, z, z, torch.ones(n), 1.0, dh, dw)
 
 
+def _chunked_folds() -> None:
+    from sodkern.kernels import fold as k
+
+    n, cols, v0 = 5, 3000, 1000  # a ragged tile: 3000 columns of 1024-column blocks
+    z, z2 = _t((n, cols), torch.float32), _t((n, cols), torch.float32, 1)
+    targets = torch.randint(0, 4000, (n,))
+    stats = [torch.zeros(n) for _ in range(5)]
+    for entropy in (False, True):
+        k.fold_lse(z, targets, v0, 1.0, *stats[:3], stats[3] if entropy else None)
+    k.fold_kl(z, z2, 1.0, *stats)
+    g = torch.ones(n)
+    for dtype in DTYPES.values():  # dz is written in the GEMM dtype (fp32 in place into the tile, or bf16)
+        out = torch.empty((n, cols), dtype=dtype)
+        for grad_logp, grad_ent in ((g, None), (g, g), (None, g)):
+            k.logprob_grad(z, out, targets, v0, g, grad_logp, g, grad_ent, 1.0)
+        k.kl_grad(z, z2, out, g, g, g, g, 1.0)
+
+
 def _step_weights() -> None:
     from sodkern.kernels import step_weights as k
 
@@ -192,7 +211,7 @@ def _step_weights() -> None:
         mask = torch.ones(2, T, dtype=torch.bool).view(torch.uint8)
         s = torch.zeros(2, T)
         k.count_steps(mask)
-        k.step_sums(s, s, mask, 3)
+        k.step_sums(s, s, mask, 3)  # positional: the two log-prob arrays
         k.token_weights(mask, torch.ones(2, 3))
 
 
@@ -200,6 +219,7 @@ def _step_weights() -> None:
 LAUNCHERS: list[tuple[str, Callable[[], None]]] = [
     ("tiled linear_logprobs", _tiled_logprobs),
     ("tiled linear_reverse_kl", _tiled_kl),
+    ("chunked folds", _chunked_folds),
     ("step_weights", _step_weights),
 ]
 
