@@ -142,12 +142,12 @@ def count_steps(mask: torch.Tensor, *, interpret: bool = False) -> torch.Tensor:
 
 
 def step_sums(
-    student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor, K: int, *, interpret: bool = False
+    old_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor, K: int, *, interpret: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-step sums of ``|s - tau|`` and token counts.
 
     Args:
-        student_logp: ``[B, T]`` float (any float dtype), last dim contiguous.
+        old_logp: ``[B, T]`` float (any float dtype), last dim contiguous.
         teacher_logp: ``[B, T]`` float, last dim contiguous.
         mask: ``[B, T]`` any dtype, values 0/1, last dim contiguous.
         K: number of step slots (>= the largest step count of any row).
@@ -160,14 +160,14 @@ def step_sums(
     if B == 0 or K == 0:
         return sums, counts
     _step_sums_kernel[(B,)](
-        student_logp,
+        old_logp,
         teacher_logp,
         mask,
         sums,
         counts,
         T,
         K,
-        student_logp.stride(0),
+        old_logp.stride(0),
         teacher_logp.stride(0),
         mask.stride(0),
         BLOCK_T=_block_t(T, interpret),

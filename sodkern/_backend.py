@@ -81,8 +81,3 @@ def select_strategy(*tensors: torch.Tensor | None, backend: str | None = None) -
                 "Triton is imported), or use backend='chunked' or 'torch'"
             )
     return name
-
-
-def select_backend(*tensors: torch.Tensor | None) -> Literal["torch", "triton"]:
-    """Old two-way selection (``triton`` = a Triton kernel runs) for ops with a single Triton implementation."""
-    return "torch" if select_strategy(*tensors) == "torch" else "triton"

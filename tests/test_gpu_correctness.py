@@ -1,5 +1,8 @@
 """GPU correctness: every sodkern kernel compiled for CUDA, against float64 references (skipped without CUDA).
 
+Each test runs for both CUDA strategies ("tiled" and "chunked"); the sod_loss test also compares the chunked
+strategy's gradient-in-the-forward path against the torch path.
+
 Run on a GPU machine with ``pytest -q tests/test_gpu_correctness.py``. The last test crosses 2^31 elements of
 the virtual ``[N, V]`` logits (Qwen3's vocabulary at N = 20,480) to check the kernels' int64 offsets.
 """
@@ -16,9 +19,11 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _force_triton(monkeypatch):
-    monkeypatch.setenv("SODKERN_BACKEND", "triton")
+@pytest.fixture(autouse=True, params=["tiled", "chunked"])
+def strategy(request, monkeypatch):
+    """Every test runs once per CUDA strategy: the all-Triton tile kernels and cuBLAS tiles + Triton folds."""
+    monkeypatch.setenv("SODKERN_BACKEND", request.param)
+    return request.param
 
 
 def _inputs(N, H, V, dtype, seed=0):

@@ -79,7 +79,17 @@ def fold_kernels(*tensors: torch.Tensor) -> ModuleType | None:
 # ---------------------------------------------------------------- torch folds (twins of kernels/fold.py)
 
 
-def _fold_lse_torch(z, targets, vocab_start, inv_t, m, s, zt, t) -> None:
+def _fold_lse_torch(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_start: int,
+    inv_t: float,
+    m: torch.Tensor,
+    s: torch.Tensor,
+    zt: torch.Tensor,
+    t: torch.Tensor | None,
+) -> None:
+    """Torch twin of :func:`sodkern.kernels.fold.fold_lse` (scales and shifts the scratch tile ``z`` in place)."""
     z = z.mul_(inv_t) if inv_t != 1.0 else z
     m_new = torch.maximum(m, z.amax(dim=1))
     alpha = torch.exp(m - m_new)
@@ -96,7 +106,17 @@ def _fold_lse_torch(z, targets, vocab_start, inv_t, m, s, zt, t) -> None:
     m.copy_(m_new)
 
 
-def _fold_kl_torch(zs, zt, inv_t, ms, ss, mt, st, a) -> None:
+def _fold_kl_torch(
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    inv_t: float,
+    ms: torch.Tensor,
+    ss: torch.Tensor,
+    mt: torch.Tensor,
+    st: torch.Tensor,
+    a: torch.Tensor,
+) -> None:
+    """Torch twin of :func:`sodkern.kernels.fold.fold_kl` (overwrites the scratch tiles)."""
     zs, zt = zs.mul_(inv_t), zt.mul_(inv_t)
     ms_new = torch.maximum(ms, zs.amax(dim=1))
     mt_new = torch.maximum(mt, zt.amax(dim=1))
@@ -112,7 +132,18 @@ def _fold_kl_torch(zs, zt, inv_t, ms, ss, mt, st, a) -> None:
     mt.copy_(mt_new)
 
 
-def _logprob_grad_torch(z, out, targets, vocab_start, lse, g, ent, ge, inv_t) -> None:
+def _logprob_grad_torch(
+    z: torch.Tensor,
+    out: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_start: int,
+    lse: torch.Tensor,
+    g: torch.Tensor | None,
+    ent: torch.Tensor | None,
+    ge: torch.Tensor | None,
+    inv_t: float,
+) -> None:
+    """Torch twin of :func:`sodkern.kernels.fold.logprob_grad` (overwrites the scratch tile ``z``)."""
     log_p = z.mul_(inv_t).sub_(lse[:, None])
     p = log_p.exp()
     if ge is not None:  # -g_ent p (log p + H)
@@ -128,7 +159,17 @@ def _logprob_grad_torch(z, out, targets, vocab_start, lse, g, ent, ge, inv_t) ->
     out.copy_(dz.mul_(inv_t))
 
 
-def _kl_grad_torch(zs, zt, out, lse_s, lse_t, kl, g, inv_t) -> None:
+def _kl_grad_torch(
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    out: torch.Tensor,
+    lse_s: torch.Tensor,
+    lse_t: torch.Tensor,
+    kl: torch.Tensor,
+    g: torch.Tensor,
+    inv_t: float,
+) -> None:
+    """Torch twin of :func:`sodkern.kernels.fold.kl_grad` (overwrites the scratch tiles)."""
     log_ps = zs.mul_(inv_t).sub_(lse_s[:, None])
     dz = zt.mul_(inv_t).sub_(lse_t[:, None]).neg_().add_(log_ps).sub_(kl[:, None])
     out.copy_(dz.mul_(log_ps.exp_()).mul_(g[:, None] * inv_t))
@@ -194,12 +235,11 @@ def head_grads(
     need_hidden: bool,
     need_weight: bool,
     tile_dz: Callable[[slice, slice, torch.Tensor, torch.Tensor], None],
-    extra_logits: Callable[[slice, slice], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Backward through ``z = hidden @ weight.T``, vocab tile outer, token tile inner.
 
     ``tile_dz(rows, cols, z, out)`` writes ``dL/dz`` of the recomputed fp32 tile ``z`` into ``out`` (may
-    overwrite ``z``); ``extra_logits(rows, cols)`` (the KL's teacher tile) is computed by the caller.
+    overwrite ``z``; ``out`` may be ``z``); the KL's ``tile_dz`` recomputes the teacher tile itself.
     """
     (n, h), v = hidden.shape, weight.shape[0]
     acc = acc_dtype(hidden.dtype)

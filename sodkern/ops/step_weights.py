@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sodkern._backend import Backend, select_strategy, triton_interpret
+from sodkern._backend import Backend, select_strategy, triton_interpret, triton_usable
 from sodkern._validate import check_finite_where, check_float, check_same_shape, renamed_argument
 
 
@@ -98,8 +98,9 @@ def stepwise_weights(
         response_mask: ``[B, T]`` bool/int/float with values 0/1; 1 on tokens the student generated.
         eps: added to every divergence before the ratio (SOD default 1e-6).
         delta: weights are clipped to at most ``1 + delta`` (SOD training script: 0.2).
-        backend: "torch" or a Triton one ("tiled" and "chunked" both run the step kernels of
-            :mod:`sodkern.kernels.step_weights`); default ``SODKERN_BACKEND``, else "auto" (Triton on CUDA).
+        backend: "torch", "tiled" (the step kernels of :mod:`sodkern.kernels.step_weights`) or "chunked" (the
+            same kernels where Triton can run, else torch); default ``SODKERN_BACKEND``, else "auto" (Triton
+            on CUDA).
 
         student_logp: deprecated name of ``old_logp``.
 
@@ -124,7 +125,9 @@ def stepwise_weights(
 
     with torch.no_grad():
         s, tau = old_logp.detach(), teacher_logp.detach()
-        if select_strategy(s, tau, response_mask, backend=backend) == "torch":
+        strategy = select_strategy(s, tau, response_mask, backend=backend)
+        # "chunked" means Triton where it can run (as for the lm-head ops), torch elsewhere
+        if strategy == "torch" or (strategy == "chunked" and not triton_usable(s, tau, response_mask)):
             token_weights, d, w, num_steps = _torch_path(s.float(), tau.float(), m, eps, delta)
             return StepWeights(
                 token_weights=token_weights, step_divergence=d.float(), step_weights=w.float(), num_steps=num_steps
