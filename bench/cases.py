@@ -1,13 +1,22 @@
 """Benchmark cases: the four ops, their implementations (sodkern and its peers), inputs and float64 references.
 
-An *op* is one computation (per-token log-probs, per-token reverse KL, the SOD loss, the step weights); each
-op has implementations: the naive torch baseline (or the public reference loop), sodkern's op, and the peers
-(Liger-Kernel, cut-cross-entropy) where they compute the same thing. Peers are imported lazily: a peer that is
-not installed is reported as missing by ``bench/run.py``, never dropped.
+An *op* is one computation (per-token log-probs with the entropy, per-token reverse KL, the SOD loss, the step
+weights); each op has implementations: the naive torch baseline (or the public reference loop), sodkern's op
+once per strategy (``backend="torch" | "chunked" | "tiled"``), and the peers where they compute the same thing:
+TRL 1.16 (``ChunkedLogProbFunction``, ``ChunkedDivergenceFunction``), verl 0.9.1 (``FusedLinearForPPO``,
+``linear_cross_entropy``), Liger-Kernel (fused-linear GRPO and JSD), cut-cross-entropy. Peers are imported
+lazily: a peer that is not installed is reported as missing by ``bench/run.py``, one that rejects the device
+as unsupported, never dropped. An implementation may return a tuple: the fwd+bwd mode back-propagates the first
+element (the log-prob, the loss), the max error covers every element.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +41,16 @@ def naive_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     """log p(target), logits materialised. hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` int64 -> ``[N]``."""
     logits = (hidden @ weight.T).to(_acc(hidden))
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def naive_logprobs_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp, entropy)``, logits materialised: as :func:`naive_logprobs` plus the full-vocabulary entropy
+    ``[N]`` of the same softmax (what verl's actor computes beside the log-probs)."""
+    logits = (hidden @ weight.T).to(_acc(hidden))
+    logsm = torch.log_softmax(logits, dim=-1)
+    return logsm.gather(-1, targets[:, None]).squeeze(-1), -(logsm.exp() * logsm).sum(-1)
 
 
 def naive_reverse_kl(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
@@ -177,10 +196,50 @@ def step_inputs(shape: Shape, device: str, dtype: torch.dtype, seed: int) -> Inp
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _sodkern_logprobs(inp: Inputs) -> Fn:
-    from sodkern.ops.linear_logprobs import linear_logprobs
+STRATEGIES = ("torch", "chunked", "tiled")
 
-    return lambda: linear_logprobs(inp["hidden"], inp["weight"], inp["targets"])
+
+def _with_backend(fn: Callable, backend: str | None) -> Callable:
+    """``fn`` with ``backend=`` bound; an error (a row status) when this sodkern has no per-call backend."""
+    if backend is None:
+        return fn
+    if "backend" not in inspect.signature(fn).parameters:
+        raise RuntimeError(f"{fn.__name__} has no backend= argument in this sodkern (issue 14)")
+    return functools.partial(fn, backend=backend)
+
+
+def _sodkern_logprobs(backend: str | None) -> Callable[[Inputs], Fn]:
+    def build(inp: Inputs) -> Fn:
+        from sodkern.ops.linear_logprobs import linear_logprobs
+
+        fn = _with_backend(linear_logprobs, backend)
+        return lambda: fn(inp["hidden"], inp["weight"], inp["targets"], return_entropy=True)
+
+    return build
+
+
+def _trl_logprobs(inp: Inputs) -> Fn:
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    # chunk_size 32768 and the entropy output: as TRL's GRPO trainer calls it (trl/trainer/utils.py)
+    args = (inp["hidden"], inp["weight"], None, inp["targets"], 1.0, 32768, None, 1.0, ("entropy",))
+    return lambda: ChunkedLogProbFunction.apply(*args)[:2]
+
+
+def _verl_fused_linear(inp: Inputs) -> Fn:
+    from peers import verl_module
+
+    fused = verl_module("utils.experimental.torch_functional").FusedLinearForPPO(chunk_size=512)  # verl's default
+    return lambda: fused(inp["hidden"], inp["weight"], inp["targets"])
+
+
+def _verl_linear_ce(inp: Inputs) -> Fn:
+    from peers import verl_module
+
+    lce = verl_module("utils.kernel.linear_cross_entropy").linear_cross_entropy
+    if not inp["hidden"].is_cuda:
+        raise RuntimeError("CUDA only (verl's Triton kernels)")
+    return lambda: lce(inp["hidden"], inp["weight"], inp["targets"], 1.0, "none")
 
 
 def _cce_logprobs(inp: Inputs) -> Fn:
@@ -189,10 +248,22 @@ def _cce_logprobs(inp: Inputs) -> Fn:
     return lambda: -linear_cross_entropy(inp["hidden"], inp["weight"], inp["targets"], reduction="none")
 
 
-def _sodkern_kl(inp: Inputs) -> Fn:
-    from sodkern.ops.linear_kl import linear_reverse_kl
+def _sodkern_kl(backend: str | None) -> Callable[[Inputs], Fn]:
+    def build(inp: Inputs) -> Fn:
+        from sodkern.ops.linear_kl import linear_reverse_kl
 
-    return lambda: linear_reverse_kl(inp["hidden"], inp["weight"], inp["h_t"], inp["w_t"])
+        fn = _with_backend(linear_reverse_kl, backend)
+        return lambda: fn(inp["hidden"], inp["weight"], inp["h_t"], inp["w_t"])
+
+    return build
+
+
+def _trl_divergence(inp: Inputs) -> Fn:
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    # beta = 1: the reverse KL(student || teacher), per token; the second output (student entropy) is dropped
+    args = (inp["hidden"], inp["weight"], None, inp["h_t"], inp["w_t"], None, 1.0, 1.0)
+    return lambda: ChunkedDivergenceFunction.apply(*args)[0]
 
 
 def _liger_jsd(inp: Inputs) -> Fn:
@@ -213,11 +284,15 @@ def _naive_sod(inp: Inputs) -> Fn:
     return fn
 
 
-def _sodkern_sod(inp: Inputs) -> Fn:
-    from sodkern.ops.sod_loss import sod_loss
+def _sodkern_sod(backend: str | None) -> Callable[[Inputs], Fn]:
+    def build(inp: Inputs) -> Fn:
+        from sodkern.ops.sod_loss import sod_loss
 
-    args = ("hidden", "weight", "targets", "old_logp", "teacher_logp", "advantages", "mask")
-    return lambda: sod_loss(*(inp[k] for k in args), weighting="sod").loss
+        fn = _with_backend(sod_loss, backend)
+        args = ("hidden", "weight", "targets", "old_logp", "teacher_logp", "advantages", "mask")
+        return lambda: fn(*(inp[k] for k in args), weighting="sod").loss
+
+    return build
 
 
 def _liger_grpo(inp: Inputs) -> Fn:
@@ -315,17 +390,55 @@ class Op:
 SODKERN = "the sodkern package of this repository: pip install --no-build-isolation -e ."
 LIGER = "pip install liger-kernel (or: pip install 'sodkern[gpu]')"
 CCE = "pip install cut-cross-entropy"
+TRL = "pip install 'trl==1.16.*'"
+VERL = "pip install --no-deps 'verl==0.9.1' (its kernel modules are imported without verl's __init__)"
 NAIVE = "torch"
+
+
+def _strategies(
+    label: str, module: str, build: Callable[[str | None], Callable[[Inputs], Fn]], recompute: set[str]
+) -> tuple:
+    """One row per sodkern strategy: ``sodkern <label> (torch|chunked|tiled)``; ``recompute``: the strategies
+    whose backward recomputes the logits (4 GEMM passes a training step, not 3)."""
+    return tuple(
+        Impl(f"sodkern {label} ({b})", module, SODKERN, build(b), recompute=b in recompute) for b in STRATEGIES
+    )
+
+
+def require(impl: Impl) -> None:
+    """Raise ImportError when ``impl``'s package is not installed. verl is looked up, not imported (its
+    ``__init__`` needs Ray; :func:`peers.verl_module` imports the kernel modules alone)."""
+    if impl.module == "verl":
+        if "verl" not in sys.modules and importlib.util.find_spec("verl") is None:
+            raise ImportError("No module named 'verl'")
+        return
+    importlib.import_module(impl.module)
+
 
 OPS: dict[str, Op] = {
     "logprobs": Op(
         name="logprobs",
         make_inputs=lm_head_inputs,
-        reference=lambda i: naive_logprobs(i["hidden"], i["weight"], i["targets"]),
+        reference=lambda i: naive_logprobs_entropy(i["hidden"], i["weight"], i["targets"]),
         impls=(
-            Impl("naive torch", NAIVE, "", lambda i: lambda: naive_logprobs(i["hidden"], i["weight"], i["targets"])),
-            Impl("cut-cross-entropy", "cut_cross_entropy", CCE, _cce_logprobs, recompute=True),
-            Impl("sodkern linear_logprobs", "sodkern.ops.linear_logprobs", SODKERN, _sodkern_logprobs, recompute=True),
+            Impl(
+                "naive torch",
+                NAIVE,
+                "",
+                lambda i: lambda: naive_logprobs_entropy(i["hidden"], i["weight"], i["targets"]),
+            ),  # fmt: skip
+            Impl("trl ChunkedLogProbFunction", "trl.kernels.chunked_logprob", TRL, _trl_logprobs, recompute=True),
+            Impl("verl FusedLinearForPPO (torch)", "verl", VERL, _verl_fused_linear, recompute=True),
+            Impl("verl linear_cross_entropy", "verl", VERL, _verl_linear_ce, recompute=True),
+            Impl(
+                "cut-cross-entropy (no entropy)",
+                "cut_cross_entropy",
+                CCE,
+                _cce_logprobs,
+                recompute=True,
+                reference=lambda i: naive_logprobs(i["hidden"], i["weight"], i["targets"]),
+            ),  # fmt: skip
+            *_strategies("linear_logprobs", "sodkern.ops.linear_logprobs", _sodkern_logprobs, set(STRATEGIES)),
         ),
         grad_names=("hidden", "weight"),
         gemm=lambda s: [(s["N"], s["H"], s["V"])],
@@ -348,7 +461,14 @@ OPS: dict[str, Op] = {
                 _liger_jsd,
                 reference=lambda i: naive_reverse_kl(i["hidden"], i["weight"], i["h_t"], i["w_t"]).mean(),
             ),  # fmt: skip
-            Impl("sodkern linear_reverse_kl", "sodkern.ops.linear_kl", SODKERN, _sodkern_kl, recompute=True),
+            Impl(
+                "trl ChunkedDivergenceFunction (beta=1)",
+                "trl.kernels.chunked_divergence",
+                TRL,
+                _trl_divergence,
+                recompute=True,
+            ),  # fmt: skip
+            *_strategies("linear_reverse_kl", "sodkern.ops.linear_kl", _sodkern_kl, set(STRATEGIES)),
         ),
         grad_names=("hidden", "weight"),
         gemm=lambda s: [(s["N"], s["Hs"], s["V"]), (s["N"], s["Ht"], s["V"])],
@@ -367,7 +487,8 @@ OPS: dict[str, Op] = {
                 recompute=True,
                 reference=_grpo_reference,
             ),  # fmt: skip
-            Impl("sodkern sod_loss", "sodkern.ops.sod_loss", SODKERN, _sodkern_sod, recompute=True),
+            # chunked: the gradient is computed in the forward (SOD's weights do not depend on the policy)
+            *_strategies("sod_loss", "sodkern.ops.sod_loss", _sodkern_sod, {"torch", "tiled"}),
         ),
         grad_names=("hidden", "weight"),
         # the floor counts only response tokens: the lm head has no work to do elsewhere

@@ -10,7 +10,6 @@ case's freed memory or caches never lower another's peak.
 from __future__ import annotations
 
 import gc
-import importlib
 import re
 import statistics
 import time
@@ -18,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from cases import OPS, Impl, Inputs, Op
+from cases import OPS, Impl, Inputs, Op, require
 
 
 def sync(device: str) -> None:
@@ -105,8 +104,13 @@ def _detached(inp: Inputs, grad_names: tuple[str, ...], dtype: torch.dtype | Non
     return out
 
 
+def _outputs(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, tuple | list) else (out,)
+
+
 def _call(fn: Callable[[], torch.Tensor], inp: Inputs, backward: bool) -> Callable[[], torch.Tensor]:
-    """``fn`` as the timed unit: under no_grad for fwd; forward and ``backward`` for fwd+bwd."""
+    """``fn`` as the timed unit: under no_grad for fwd; forward and ``backward`` for fwd+bwd. A tuple output
+    (log-probs and entropy) is back-propagated through its first element."""
 
     def fwd() -> torch.Tensor:
         with torch.no_grad():
@@ -114,7 +118,8 @@ def _call(fn: Callable[[], torch.Tensor], inp: Inputs, backward: bool) -> Callab
 
     def fwd_bwd() -> torch.Tensor:
         out = fn()
-        out.backward(None if out.dim() == 0 else inp["grad_out"].to(out.dtype))
+        first = _outputs(out)[0]
+        first.backward(None if first.dim() == 0 else inp["grad_out"].to(first.dtype))
         return out
 
     return fwd_bwd if backward else fwd
@@ -128,7 +133,10 @@ def max_error(op: Op, impl: Impl, inp: Inputs, backward: bool) -> float:
     ref_in = _detached(inp, names, torch.float64)
     ref_fn = impl.reference or op.reference
     ref = _call(lambda: ref_fn(ref_in), ref_in, backward)()
-    err = (out.double() - ref.detach()).abs().max().item()
+    outs, refs = _outputs(out), _outputs(ref)
+    if len(outs) != len(refs):
+        raise ValueError(f"{impl.name}: {len(outs)} outputs, the reference has {len(refs)}")
+    err = max((o.double() - r.detach()).abs().max().item() for o, r in zip(outs, refs))
     for k in names:
         err = max(err, (run[k].grad.double() - ref_in[k].grad).abs().max().item())
     return err
@@ -147,7 +155,7 @@ def run_job(job: dict) -> dict:
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     try:
-        importlib.import_module(impl.module)
+        require(impl)
     except ImportError as e:
         return {"status": f"missing: {e} ({impl.install})"}
     res: dict = {"status": "ok", "note": ""}

@@ -66,8 +66,9 @@ def markdown(meta: dict, rows: list[dict], targets: list[dict]) -> str:
         f"- device: {meta['device']}; dtype {meta['dtype']}; torch threads {meta['threads']} of "
         f"{meta['cpu_count']} CPUs; 1-min load average {meta['load_avg']['start']:.1f} at start, "
         f"{meta['load_avg']['end']:.1f} at end",
-        f"- torch {meta['torch']}, triton {meta['triton']}, liger-kernel {meta['liger_kernel']}, "
-        f"cut-cross-entropy {meta['cut_cross_entropy']}, python {meta['python']}",
+        f"- torch {meta['torch']}, triton {meta['triton']}, transformers {meta.get('transformers')}, "
+        f"trl {meta.get('trl')}, verl {meta.get('verl')}, liger-kernel {meta.get('liger_kernel')}, "
+        f"cut-cross-entropy {meta.get('cut_cross_entropy')}, python {meta['python']}",
         f"- date: {meta['date']}" + (f"; env {meta['env']}" if meta["env"] else ""),
         *([f"- note: {meta['note']}"] if meta.get("note") else []),
         "- floors measured in this run (best call): "
@@ -85,12 +86,52 @@ def markdown(meta: dict, rows: list[dict], targets: list[dict]) -> str:
         "|" + "---|" * len(COLUMNS),
     ]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in cells(r)) + " |" for r in rows]
+    lines += versus_peers(rows)
     if targets:
         lines += ["", "## Targets", ""]
         for t in targets:
             val = "not measured" if t["value"] is None else f"{t['value']:.4g}"
             lines.append(f"- {'MET' if t['met'] else 'MISSED'}: {t['target']} -> {val} ({t['status']})")
     return "\n".join(lines) + "\n"
+
+
+def _strategy(row: dict) -> str:
+    """``sodkern linear_logprobs (chunked)`` -> ``chunked``."""
+    name = row["impl"]
+    return name[name.rfind("(") + 1 : -1] if name.endswith(")") else "default"
+
+
+def versus_peers(rows: list[dict]) -> list[str]:
+    """Markdown lines: per op, shape and mode, sodkern's best time and lowest memory (over its strategies)
+    against each other implementation that ran (``x``: how many times the peer's time or memory)."""
+    out = ["", "## sodkern's best against each peer", ""]
+    cols = ("op", "shape", "mode", "sodkern best time", "peer", "peer time", "x time", "sodkern min mem", "peer mem")
+    out += ["| " + " | ".join((*cols, "x mem")) + " |", "|" + "---|" * (len(cols) + 1)]
+    groups = dict.fromkeys((r["op"], shape_label(r["shape"]), r["mode"]) for r in rows)
+    for op, shape, mode in groups:
+        rs = [r for r in rows if (r["op"], shape_label(r["shape"]), r["mode"]) == (op, shape, mode)]
+        ok = [r for r in rs if r["status"] == "ok" and r.get("time_s")]
+        ours = [r for r in ok if r["impl"].startswith("sodkern")]
+        if not ours:
+            continue
+        fast = min(ours, key=lambda r: r["time_s"])
+        mems = [r for r in ours if r.get("mem_bytes") is not None]
+        lean = min(mems, key=lambda r: r["mem_bytes"]) if mems else None
+        for peer in rs:
+            if peer["impl"].startswith("sodkern"):
+                continue
+            if peer["status"] != "ok":
+                out.append(f"| {op} | {shape} | {mode} | | {peer['impl']} | {peer['status'].split(':')[0]} | | | | |")
+                continue
+            xt = peer["time_s"] / fast["time_s"]
+            xm = peer["mem_bytes"] / lean["mem_bytes"] if lean and peer.get("mem_bytes") and lean["mem_bytes"] else None
+            lean_cell = f"{_mem(lean['mem_bytes'])} ({_strategy(lean)})" if lean else ""
+            out.append(
+                f"| {op} | {shape} | {mode} | {_time(fast['time_s'])} ({_strategy(fast)}) "
+                f"| {peer['impl']} | {_time(peer['time_s'])} | {xt:.2f} "
+                f"| {lean_cell} | {_mem(peer.get('mem_bytes'))} | {_num(xm, '.2f')} |"
+            )
+    return out
 
 
 def chart(path: Path, meta: dict, rows: list[dict]) -> None:
@@ -139,6 +180,7 @@ def chart(path: Path, meta: dict, rows: list[dict]) -> None:
 
 def write_outputs(out: Path, stem: str, meta: dict, rows: list[dict], targets: list[dict], console) -> None:
     """Write ``<out>/<stem>.{json,md,png}``, then print the table (last)."""
+    from rich.markup import escape
     from rich.table import Table
 
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +192,7 @@ def write_outputs(out: Path, stem: str, meta: dict, rows: list[dict], targets: l
     for c in COLUMNS:
         table.add_column(c, overflow="fold")
     for r in rows:
-        table.add_row(*cells(r))
+        table.add_row(*(escape(c) for c in cells(r)))
     console.print(f"results: {out / stem}.{{md,json,png}}")
     for t in targets:
         val = "not measured" if t["value"] is None else f"{t['value']:.4g}"

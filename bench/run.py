@@ -4,11 +4,12 @@
     python bench/run.py --preset gpu        # SOD.md §6 shapes, bf16, on one CUDA device
     python bench/run.py --preset tiny       # seconds; used by tests/test_bench_smoke.py
 
-For every op (per-token log-probs, per-token reverse KL, the SOD loss, the step weights) and every
-implementation (the naive torch baseline or the public reference loop, sodkern, Liger-Kernel, cut-cross-entropy)
-it measures forward and forward+backward time, peak extra memory and the max error to a float64 reference,
-and relates them to the baseline of the same run and to the floor: GEMM FLOPs at the matmul rate measured in
-this run, or bytes at the measured copy bandwidth. Implementations that are not installed or that reject the
+For every op (per-token log-probs with entropy, per-token reverse KL, the SOD loss, the step weights) and every
+implementation (the naive torch baseline or the public reference loop, sodkern's strategies torch / chunked /
+tiled, TRL, verl, Liger-Kernel, cut-cross-entropy; see bench/cases.py) it measures forward and forward+backward
+time, peak extra memory and the max error to a float64 reference, and relates them to the baseline of the same
+run and to the floor: GEMM FLOPs at the matmul rate measured in this run, or bytes at the measured copy
+bandwidth. Implementations that are not installed or that reject the
 device are rows with their status, never dropped. Results: ``<out>/bench_<preset>.{md,json,png}``.
 """
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 from cases import OPS  # noqa: E402
 from measure import copy_bandwidth, matmul_rate, run_job  # noqa: E402
+from peers import versions  # noqa: E402
 from report import shape_label, write_outputs  # noqa: E402
 
 PRESETS: dict[str, dict] = {
@@ -54,12 +56,13 @@ PRESETS: dict[str, dict] = {
     "cpu": {
         "dtype": "float32",
         "warmup": 0,  # the memory call before timing is the warm-up
-        "repeat": 3,
-        "min_total": 1.0,  # fast cases repeat until their timed calls add up to 1 s
+        "repeat": 2,
+        "min_total": 0.0,
+        # sized for a shared 2-core box: every peer, both modes, in one run of ~20 minutes
         "shapes": {
-            "logprobs": [{"N": 8192, "H": 256, "V": 65536}],
-            "reverse_kl": [{"N": 1024, "Hs": 256, "Ht": 384, "V": 32768}],
-            "sod_loss": [{"B": 4, "T": 1024, "H": 256, "V": 32768}],
+            "logprobs": [{"N": 1024, "H": 256, "V": 32768}],
+            "reverse_kl": [{"N": 512, "Hs": 256, "Ht": 384, "V": 32768}],
+            "sod_loss": [{"B": 2, "T": 1024, "H": 256, "V": 32768}],
             "step_weights": [{"B": 32, "T": 8192}],
         },
         "check": {
@@ -72,15 +75,36 @@ PRESETS: dict[str, dict] = {
             # (op, impl, mode, shape, metric, comparison, limit)
             (
                 "logprobs",
-                "sodkern linear_logprobs",
+                "sodkern linear_logprobs (chunked)",
                 "fwd+bwd",
-                {"N": 8192, "H": 256, "V": 65536},
+                {"N": 1024, "H": 256, "V": 32768},
                 "mem_ratio",
                 "<=",
                 0.25,
             ),
             ("step_weights", "sodkern stepwise_weights", "fwd", {"B": 32, "T": 8192}, "speedup", ">=", 300.0),
         ],
+    },
+    # bench/gpu_check.py's bench stage: SOD.md §6 shapes, the training step (fwd+bwd) only, inside ~3.5 minutes
+    "gpu_check": {
+        "dtype": "bfloat16",
+        "warmup": 0,
+        "repeat": 0,
+        "min_total": 0.0,
+        "modes": ["fwd+bwd"],
+        "shapes": {
+            "logprobs": [{"N": 20480, "H": h, "V": 151936} for h in (1024, 2048, 2560)],
+            "reverse_kl": [{"N": 8192, "Hs": 1024, "Ht": 2560, "V": 151936}],
+            "sod_loss": [{"B": 1, "T": 20480, "H": 2048, "V": 151936}],
+            "step_weights": [{"B": 1024, "T": 20480}],
+        },
+        "check": {
+            "logprobs": {"N": 512, "H": 1024, "V": 151936},
+            "reverse_kl": {"N": 256, "Hs": 1024, "Ht": 2560, "V": 151936},
+            "sod_loss": {"B": 2, "T": 256, "H": 1024, "V": 151936},
+            "step_weights": {"B": 4, "T": 2048},
+        },
+        "targets": [],
     },
     "gpu": {
         "dtype": "bfloat16",
@@ -122,6 +146,8 @@ def jobs_for(preset: dict, device: str, ops: list[str], threads: int) -> list[di
     for name in ops:
         op = OPS[name]
         modes = [False, True] if op.grad_names else [False]
+        if "modes" in preset and op.grad_names:
+            modes = [m for m in modes if ("fwd+bwd" if m else "fwd") in preset["modes"]]
         for shape in preset["shapes"][name]:
             for backward in modes:
                 for impl in op.impls:
@@ -230,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda but torch sees no CUDA device")
-    if args.preset == "gpu" and not device.startswith("cuda"):
-        ap.error("--preset gpu needs a CUDA device (its shapes need ~40 GB); use --preset cpu here")
+    if args.preset.startswith("gpu") and not device.startswith("cuda"):
+        ap.error(f"--preset {args.preset} needs a CUDA device (its shapes need ~40 GB); use --preset cpu here")
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in ops if o not in OPS]
     if unknown:
@@ -241,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     jobs = jobs_for(preset, device, ops, args.threads)
     load_start = os.getloadavg()
+    # a subset of ops or a thread count gets its own files, so it never overwrites the full run
+    stem = f"bench_{args.preset}" + ("" if ops == list(OPS) else "_" + "-".join(ops))
+    stem += f"_threads{args.threads}" if args.threads else ""
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -263,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()  # in-process jobs: hand the last job's blocks back before the next
             rows.append({"op": job["op"], "impl": job["impl"], "shape": job["shape"], "mode": mode, **res})
             progress.advance(task)
+            # rows so far, so that a run killed at its timeout (bench/gpu_check.py) still leaves them
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{stem}.partial.json").write_text(json.dumps({"rows": rows}) + "\n")
         progress.update(task, description="floors (matmul rate, copy bandwidth)")
         rates = add_derived(rows, preset, device)
 
@@ -273,8 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": preset["dtype"],
         "torch": torch.__version__,
         "triton": _version("triton"),
-        "liger_kernel": _version("liger_kernel"),
-        "cut_cross_entropy": _version("cut_cross_entropy"),
+        **{k.replace("-", "_"): v for k, v in versions().items() if k != "triton"},
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "env": {k: os.environ[k] for k in ("SODKERN_BACKEND", "TRITON_INTERPRET") if k in os.environ},
@@ -287,10 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_isolate and not device.startswith("cuda"):
         meta["note"] = "--no-isolate: CPU peak RSS measured in one process, after earlier jobs"
     out_console = Console() if Console().is_terminal else Console(width=240)
-    # a subset of ops or a thread count gets its own files, so it never overwrites the full run
-    stem = f"bench_{args.preset}" + ("" if ops == list(OPS) else "_" + "-".join(ops))
-    stem += f"_threads{args.threads}" if args.threads else ""
     write_outputs(args.out, stem, meta, rows, targets, out_console)
+    (args.out / f"{stem}.partial.json").unlink(missing_ok=True)
     return 0
 
 

@@ -12,7 +12,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "bench" / "run.py"
-PEERS = {"cut-cross-entropy": "cut_cross_entropy", "liger": "liger_kernel"}
+PEERS = {"cut-cross-entropy": "cut_cross_entropy", "liger": "liger_kernel", "trl": "trl", "verl": "verl"}
+
+
+def _has_backend_arg() -> bool:
+    import inspect
+
+    from sodkern.ops.linear_logprobs import linear_logprobs
+
+    return "backend" in inspect.signature(linear_logprobs).parameters
 
 
 def _run(args: list[str], out: Path, stem: str = "bench_tiny") -> dict:
@@ -38,13 +46,24 @@ def test_tiny_preset_writes_all_rows(tmp_path: Path) -> None:
     assert any(k.startswith("matmul") for k in meta["rates"]) and any(k.startswith("copy") for k in meta["rates"])
 
     seen = {(r["op"], r["impl"], r["mode"]) for r in rows}
-    assert len(seen) == len(rows) == 20  # 3 impls x 2 modes x 3 GEMM ops + 2 step-weight impls
+    # 2 modes x (logprobs 8 impls + reverse_kl 6 + sod_loss 5) + 2 step-weight impls: every peer is a row
+    assert len(seen) == len(rows) == 40
+    for op, n in (("logprobs", 16), ("reverse_kl", 12), ("sod_loss", 10), ("step_weights", 2)):
+        assert sum(r["op"] == op for r in rows) == n, op
+    has_backend = _has_backend_arg()
     for r in rows:
         assert r["status"] == "ok" or r["status"].split(":")[0] in ("missing", "unsupported"), r
         peer = next((m for p, m in PEERS.items() if r["impl"].startswith(p)), None)
         if peer is not None and importlib.util.find_spec(peer) is None:
             assert r["status"].startswith("missing") and "pip install" in r["status"], r
-        if r["impl"].startswith("sodkern") or r["impl"] in ("naive torch", "reference loop"):
+        if r["impl"].startswith("verl linear_cross_entropy") and peer is not None:
+            assert "CUDA only" in r["status"] or r["status"].startswith("missing"), r  # CPU
+        must_run = r["impl"] in ("naive torch", "reference loop", "sodkern stepwise_weights")
+        if r["impl"].startswith("sodkern") and r["impl"].endswith("(torch)"):
+            must_run = has_backend
+            if not has_backend:
+                assert "no backend= argument" in r["status"], r
+        if must_run:
             assert r["status"] == "ok", r
             assert r["time_s"] > 0 and r["max_err"] < 1e-4 and r["x_floor"] > 0, r
         if r["status"] == "ok":
@@ -52,7 +71,7 @@ def test_tiny_preset_writes_all_rows(tmp_path: Path) -> None:
             assert r["speedup"] is not None and (not base or r["speedup"] == 1.0), r
 
     md = (tmp_path / "bench_tiny.md").read_text()
-    assert "| op | impl | shape | mode | status |" in md
+    assert "| op | impl | shape | mode | status |" in md and "## sodkern's best against each peer" in md
     for r in rows:
         assert r["impl"] in md
     png = (tmp_path / "bench_tiny.png").read_bytes()
