@@ -65,7 +65,7 @@ def naive_reverse_kl(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_
 def ppo_token_mean(
     logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, *, sod: bool
 ) -> torch.Tensor:
-    """PPO clipped surrogate, token mean over ``mask``. All ``[B, T]``; ``sod`` adds SOD.md's log-ratio clamp
+    """PPO clipped surrogate, token mean over ``mask``. All ``[B, T]``; ``sod`` adds the algorithm's log-ratio clamp (README)
     and dual clip (c = 3); without it this is Liger's "dapo" GRPO loss (clip 0.2 / 0.28, beta = 0)."""
     log_ratio = torch.clamp(logp - old, -20.0, 20.0) if sod else logp - old
     ratio = torch.exp(log_ratio)
@@ -77,7 +77,7 @@ def ppo_token_mean(
 
 
 def naive_sod_loss(inp: Inputs, token_weights: torch.Tensor) -> torch.Tensor:
-    """SOD loss (SOD.md §2) with logits materialised for every token of the ``[B, T]`` batch."""
+    """SOD loss (README, The algorithm) with logits materialised for every token of the ``[B, T]`` batch."""
     B, T, H = inp["hidden"].shape
     logp = naive_logprobs(inp["hidden"].reshape(B * T, H), inp["weight"], inp["targets"].reshape(-1)).view(B, T)
     m = inp["mask"]
@@ -101,7 +101,7 @@ def step_runs(mask_row: list[bool]) -> list[tuple[int, int]]:
 
 
 def step_weights64(s: torch.Tensor, tau: torch.Tensor, mask: torch.Tensor, eps=1e-6, delta=0.2) -> torch.Tensor:
-    """Float64 per-token SOD step weights (SOD.md §2 steps 1-2) in plain Python floats. All ``[B, T]``."""
+    """Float64 per-token SOD step weights (README, The algorithm, steps 1-2) in plain Python floats. All ``[B, T]``."""
     diff = (s.double() - tau.double()).abs().cpu().tolist()
     out = torch.zeros(mask.shape, dtype=torch.float64)
     for i, row in enumerate((mask != 0).cpu().tolist()):

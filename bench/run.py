@@ -1,7 +1,7 @@
 """sodkern benchmark suite: one script, one table.
 
     python bench/run.py --preset cpu        # what a CPU box can run (a few minutes)
-    python bench/run.py --preset gpu        # SOD.md §6 shapes, bf16, on one CUDA device
+    python bench/run.py --preset gpu        # the recipe's shapes (N up to 20,480, V = 151,936), bf16, on one CUDA device
     python bench/run.py --preset tiny       # seconds; used by tests/test_bench_smoke.py
 
 For every op (per-token log-probs with entropy, per-token reverse KL, the SOD loss, the step weights) and every
@@ -85,7 +85,7 @@ PRESETS: dict[str, dict] = {
             ("step_weights", "sodkern stepwise_weights", "fwd", {"B": 32, "T": 8192}, "speedup", ">=", 300.0),
         ],
     },
-    # bench/gpu_check.py's bench stage: SOD.md §6 shapes, the training step (fwd+bwd) only, inside ~3.5 minutes
+    # bench/gpu_check.py's bench stage: the recipe's shapes, the training step (fwd+bwd) only, inside ~3.5 minutes
     "gpu_check": {
         "dtype": "bfloat16",
         "warmup": 0,

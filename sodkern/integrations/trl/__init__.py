@@ -2,7 +2,7 @@
 
 - :class:`SODConfig` / :class:`SODTrainer`: SOD on ``GRPOTrainer``'s own (multi-turn tool) rollouts.
 - :func:`code_interpreter_tool`: sodkern's sandboxed code interpreter as a TRL tool.
-- :func:`math_reward_func`: sodkern's math reward with the SOD.md §3 tool-call shaping as a TRL reward function.
+- :func:`math_reward_func`: sodkern's math reward with the recipe's tool-call shaping as a TRL reward function.
 - :func:`use_sodkern_head` / :func:`use_trl_head`: TRL's fused LM head served by sodkern, and back.
 """
 

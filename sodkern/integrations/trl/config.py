@@ -1,4 +1,4 @@
-"""``SODConfig``: TRL's ``GRPOConfig`` with the SOD settings (SOD.md §2) and the recipe's clip defaults."""
+"""``SODConfig``: TRL's ``GRPOConfig`` with the SOD settings (README, The algorithm) and the recipe's clip defaults."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 WEIGHTINGS = ("sod", "uniform", "none")
-LOSS_TYPES = ("dapo", "bnpo")  # token means: SOD.md §2 step 5
+LOSS_TYPES = ("dapo", "bnpo")  # token means, as the algorithm's step 5 (README)
 
 
 @dataclass

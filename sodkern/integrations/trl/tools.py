@@ -16,7 +16,7 @@ logger = logging.getLogger("sodkern.integrations.trl")
 
 
 def code_interpreter_tool(sandbox: Any = None) -> Callable[[str], str]:
-    """The ``code_interpreter`` tool of SOD.md §4 as a typed callable for ``GRPOTrainer(tools=[...])``.
+    """The ``code_interpreter`` tool of the recipe (Qwen3 / Hermes tool calls) as a typed callable for ``GRPOTrainer(tools=[...])``.
 
     Args:
         sandbox: a ``sodkern.trainer.sandbox.LocalSandbox`` or ``SandboxFusionClient`` (default: a
