@@ -65,7 +65,7 @@ def naive_reverse_kl(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_
 def ppo_token_mean(
     logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, *, sod: bool
 ) -> torch.Tensor:
-    """PPO clipped surrogate, token mean over ``mask``. All ``[B, T]``; ``sod`` adds the algorithm's log-ratio clamp (README)
+    """PPO clipped surrogate, token mean over ``mask``. All ``[B, T]``; ``sod`` adds the log-ratio clamp
     and dual clip (c = 3); without it this is Liger's "dapo" GRPO loss (clip 0.2 / 0.28, beta = 0)."""
     log_ratio = torch.clamp(logp - old, -20.0, 20.0) if sod else logp - old
     ratio = torch.exp(log_ratio)

@@ -1,4 +1,4 @@
-"""One GPU check: install, CUDA correctness tests, the bench at the recipe's shapes (N up to 20,480, V = 151,936), a one-GPU trainer smoke, one summary.
+"""One GPU check: install, CUDA correctness tests, the bench at the recipe's shapes, a trainer smoke, one summary.
 
     python bench/gpu_check.py                       # on one H100/H200: at most 8 minutes (--budget 480)
     python bench/gpu_check.py --dry-run             # the same stages on CPU, tiny shapes (tests/test_gpu_check.py)

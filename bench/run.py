@@ -1,7 +1,7 @@
 """sodkern benchmark suite: one script, one table.
 
     python bench/run.py --preset cpu        # what a CPU box can run (a few minutes)
-    python bench/run.py --preset gpu        # the recipe's shapes (N up to 20,480, V = 151,936), bf16, on one CUDA device
+    python bench/run.py --preset gpu        # N up to 20,480, V = 151,936, bf16, one CUDA device
     python bench/run.py --preset tiny       # seconds; used by tests/test_bench_smoke.py
 
 For every op (per-token log-probs with entropy, per-token reverse KL, the SOD loss, the step weights) and every

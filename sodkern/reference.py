@@ -1,4 +1,4 @@
-"""The public SOD reference's step-weight computation, as a per-token Python loop (SOD.md §6).
+"""The public SOD reference's step-weight computation, as a per-token Python loop (README: Benchmarks).
 
 Kept for two reasons: it is the baseline the benchmarks time, and it is the behaviour
 :func:`sodkern.stepwise_weights` must reproduce (to float32 rounding) on any input. Do not use it for

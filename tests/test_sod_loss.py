@@ -1,4 +1,4 @@
-"""sodkern.sod_loss against a float64 reference of SOD.md §2 with materialised logits, both backends."""
+"""sodkern.sod_loss against a float64 reference of README: The algorithm with materialised logits, both backends."""
 
 import pytest
 import torch
@@ -47,7 +47,7 @@ def ref_loss(
     tw=None,
     divergence="logprob",
 ):
-    """SOD.md §2 written out with full float64 logits."""
+    """README: The algorithm written out with full float64 logits."""
     m = mask.bool()
     logits = (hidden.double() @ weight.double().T) / temp
     logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)

@@ -3,7 +3,7 @@
 - ``RUN_DIR/plots/curves.png``: the per-step scalars of ``metrics.jsonl`` (reward, accuracy, loss, mean w and
   d, response length, tool calls, clip fraction, time per phase, ...), those the run logged.
 - ``RUN_DIR/plots/step_patterns.png``: from the step-wise log ``steps.jsonl``, one trajectory of each pattern
-  of SOD.md §2 (the paper's Figure 5), its step divergences d_k above its step weights w_k:
+  of README: The algorithm (the paper's Figure 5), its step divergences d_k above its step weights w_k:
   stable (w_k stays near 1), erroneous (d_k rises, w_k falls and stays low), recovery (w_k falls, then rises
   back towards 1 + delta). The most pronounced example of each is drawn.
 - ``RUN_DIR/plots/premise.png`` and ``premise.json``: the premise check of :mod:`sodkern.trainer.premise` (do

@@ -1,4 +1,4 @@
-"""The SOD loss (SOD.md §2) in one call: fused log-probs, step weights, advantages, PPO dual clip.
+"""The SOD loss (README: The algorithm) in one call: fused log-probs, step weights, advantages, PPO dual clip.
 
 Only tokens with ``response_mask = 1`` go through the lm head; logits are never materialised (the log-probs
 come from :func:`sodkern.linear_logprobs`, chunked over tokens and vocabulary), and the backward pass flows
@@ -63,7 +63,7 @@ def ppo_dual_clip_loss(
     clip_high: float = 0.28,
     clip_c: float = 3.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token PPO clipped surrogate with dual clip (SOD.md §2 step 5).
+    """Per-token PPO clipped surrogate with dual clip (README: The algorithm step 5).
 
     Args:
         logp: ``[N]`` float32 current log-probs ``l_t`` (differentiable).
@@ -138,7 +138,7 @@ def sod_loss(
         advantages: ``[B]`` or ``[B, T]`` float32 GRPO advantage ``A_grpo`` (broadcast over tokens if ``[B]``).
         response_mask: ``[B, T]`` 0/1, 1 on tokens the student generated.
         weighting: "sod" (step weights), "uniform" (w = 1: OPD) or "none" (pure GRPO, no teacher term).
-        eps, delta: step-weight constants (SOD.md §2).
+        eps, delta: step-weight constants (README: The algorithm).
         opd_coef: ``c``, the scale of the distillation term.
         clip_low, clip_high, clip_c: PPO ratio clip range and dual-clip constant.
         temperature: logits are divided by it before the softmax.

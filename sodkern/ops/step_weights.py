@@ -1,4 +1,4 @@
-"""SOD step weights (SOD.md §2, steps 1-2): per-step divergence and the clipped telescoped weight.
+"""SOD step weights (README: The algorithm steps 1-2): per-step divergence and the clipped telescoped weight.
 
 For each row, a step k is the k-th maximal run of ``response_mask = 1``;
 ``d_k = mean_{t in k} |s_t - tau_t|``; ``w_1 = 1`` and ``w_k = min((d_1 + eps) / (d_k + eps), 1 + delta)``.

@@ -72,7 +72,7 @@ def full_logps(model, ids, attn, completion_ids) -> torch.Tensor:
 
 
 def sod_reference(s, tau, mask, a_grpo, *, eps=1e-6, delta=0.2, c=1.0):
-    """SOD.md §2 in float64 Python loops: steps, d_k, w_k and ``A_t = A_grpo + c * w_k * (tau - s) * m``."""
+    """README: The algorithm in float64 Python loops: steps, d_k, w_k and ``A_t = A_grpo + c * w_k * (tau - s) * m``."""
     B, T = mask.shape
     adv = torch.zeros(B, T, dtype=torch.float64)
     w_all = torch.zeros(B, T, dtype=torch.float64)

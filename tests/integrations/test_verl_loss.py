@@ -1,4 +1,4 @@
-"""SOD inside verl 0.9.1: the loss the engine worker builds for the actor, against float64 SOD (SOD.md §2).
+"""SOD inside verl 0.9.1: the loss the engine worker builds for the actor, against float64 SOD (README: The algorithm).
 
 The configs come from verl's own YAML (hydra compose with the README's override lines), the micro-batches from
 verl's own padding removal and micro-batch split, the loss function is ``partial(distillation_ppo_loss, ...)`` from
@@ -166,7 +166,7 @@ def run_verl_loss(loss_fn, td: TensorDict, truth: dict) -> tuple[float, torch.Te
 
 
 def sod_reference(truth: dict, weighting: str, loss_agg_mode: str) -> torch.Tensor:
-    """Float64 SOD loss of SOD.md §2 as a function of the current log-probs and entropy (independent of sodkern)."""
+    """Float64 SOD loss (README: The algorithm) as a function of the current log-probs and entropy."""
     old, tau, cur, ent, m = truth["old"], truth["tau"], truth["cur"], truth["entropy"], truth["mask"]
     B, T = m.shape
     w = torch.zeros(B, T, dtype=torch.float64)

@@ -49,7 +49,7 @@ PROGRESS_EVERY_S = 30.0  # seconds between progress lines in the log (the bar is
 MARKER = ".sodkern-demo"  # marks a folder as the demo's own, so a re-run may replace its contents
 MAX_TURNS = 6  # up to 4 tool calls + the answer, and one spare turn
 MAX_RESPONSE_TOKENS = 320  # a correct response is at most ~130 tokens; an error message (a traceback) adds ~100
-EVAL_TOP_P = 0.6  # the recipe's evaluation sampling (SOD.md §3), temperature 1.0
+EVAL_TOP_P = 0.6  # the recipe's evaluation sampling (the recipe, README), temperature 1.0
 
 
 @dataclass(frozen=True)

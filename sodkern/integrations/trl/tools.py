@@ -16,7 +16,7 @@ logger = logging.getLogger("sodkern.integrations.trl")
 
 
 def code_interpreter_tool(sandbox: Any = None) -> Callable[[str], str]:
-    """The ``code_interpreter`` tool of the recipe (Qwen3 / Hermes tool calls) as a typed callable for ``GRPOTrainer(tools=[...])``.
+    """The ``code_interpreter`` tool (Qwen3 / Hermes calls) as a typed callable for ``GRPOTrainer(tools=[...])``.
 
     Args:
         sandbox: a ``sodkern.trainer.sandbox.LocalSandbox`` or ``SandboxFusionClient`` (default: a
@@ -73,7 +73,7 @@ def _completion_text(completion: Any) -> tuple[str, int]:
 
 
 def math_reward_func(*, tool_shaping: bool = True, answer_column: str = "ground_truth") -> Callable[..., list[float]]:
-    """sodkern's math reward (SOD.md §3) as a TRL reward function.
+    """sodkern's math reward (the recipe, README) as a TRL reward function.
 
     +1 when the last ``\\boxed{}`` of the assistant text (tool calls and tool outputs left out) equals the
     ground truth under ``math-verify``, else -1; a wrong answer is shaped to

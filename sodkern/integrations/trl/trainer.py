@@ -1,4 +1,4 @@
-"""``SODTrainer``: SOD (SOD.md §2) on TRL's own GRPO rollouts, multi-turn tool calls included.
+"""``SODTrainer``: SOD (README: The algorithm) on TRL's own GRPO rollouts, multi-turn tool calls included.
 
 After TRL generates and scores a batch (``GRPOTrainer._generate_and_score_completions``), the trainer adds the
 rollout log-probs ``old_per_token_logps`` (``s``) when TRL skipped them and the teacher's log-probs
@@ -75,7 +75,7 @@ def masked_logprobs(
 
 
 def step_patterns(token_weights_steps: torch.Tensor, num_steps: torch.Tensor) -> dict[str, float]:
-    """Fraction of trajectories in each pattern of ``sodkern plot`` (SOD.md §2), among those with 2+ steps.
+    """Fraction of trajectories in each pattern of ``sodkern plot`` (README: The algorithm), among those with 2+ steps.
 
     Args:
         token_weights_steps: ``[B, K]`` float32 step weights ``w_k`` (NaN-padded).

@@ -1,7 +1,7 @@
 """SOD as a verl 0.9.1 distillation loss mode: ONE dual-clip PPO surrogate on ``A_grpo + c * w_k * (tau - s_old)``.
 
 verl's ``distillation_ppo_loss`` adds a separately clipped distillation surrogate to the task surrogate, and that
-surrogate uses the current log-probs. SOD (SOD.md §2) has a single surrogate whose advantage already carries the
+surrogate uses the current log-probs. SOD (README: The algorithm) has one surrogate whose advantage already carries the
 teacher term, built from the rollout's log-probs. So for ``loss_mode=sod`` / ``sod_uniform`` the plugin runs
 :func:`sod_ppo_loss`: it adds the teacher term to the micro-batch's advantages and hands the result to verl's own
 ``ppo_loss``, which applies the actor's policy loss (``policy_loss.loss_mode=vanilla``: dual clip with
