@@ -169,7 +169,11 @@ def verdict(check: dict) -> str:
     """One plain line: whether the weights separate steps after an error from clean steps."""
     r2 = check["position_r2"]
     position = r2 is not None and r2 == r2 and r2 >= POSITION_R2
-    pos_text = f"SOD reduces to weighting by step position here (step index explains {100 * r2:.0f}% of w_k's variance)"
+    pos_text = (
+        f"SOD reduces to weighting by step position here (step index explains {100 * r2:.0f}% of w_k's variance)"
+        if position
+        else ""
+    )
     if check["trajectories"] == 0:
         return "no trajectory with two or more weighted steps: nothing to check"
     if not check["labeled"]:

@@ -55,9 +55,9 @@ def premise_records(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sodkern.trainer.eval import sample_and_score
-    from sodkern.trainer.rollout.loop import RolloutConfig
+    from sodkern.trainer.rollout.loop import RolloutParams
 
-    config = RolloutConfig(n=n, max_turns=max_turns, max_response_tokens=max_response_tokens, progress=False)
+    config = RolloutParams(n=n, max_turns=max_turns, max_response_tokens=max_response_tokens, progress=False)
     trajectories, _ = sample_and_score(student, problems, config)
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     return step_records(trajectories, problems, model, AutoTokenizer.from_pretrained(student), eps=eps, delta=delta)
