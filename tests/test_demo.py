@@ -68,10 +68,10 @@ def test_quick_demo_logs_progress_when_stdout_is_not_a_terminal(quick_run):
     _, stdout = quick_run
     for phase in ("data and models", "teacher SFT", "student cold-start SFT", "premise check of the cold start",
                   *(f"RL {m} (seed 0)" for m in METHODS)):  # fmt: skip
-        assert f"sodkern.demo: phase: {phase}" in stdout, phase
-    assert "sodkern.demo: phase done: RL sod (seed 0)" in stdout
-    assert "sodkern.demo: RL opd (seed 0): step 6/6" in stdout  # a training run's progress line
-    assert "sodkern.demo: premise check of the cold start: " in stdout
+        assert f"sodkern INFO phase: {phase}" in stdout, phase
+    assert "sodkern INFO phase done: RL sod (seed 0)" in stdout
+    assert "sodkern INFO RL opd (seed 0): step 6/6" in stdout  # a training run's progress line
+    assert "sodkern INFO premise check of the cold start: " in stdout
 
 
 def test_quick_demo_reports_the_premise_check(quick_run):

@@ -99,3 +99,13 @@ def test_a_log_without_errors_has_no_auc_and_strict_json():
     assert check["auc"] is None and check["holds"] is False and check["after_error"]["n"] == 0
     assert check["verdict"].startswith("no step after a wrong tool call in this log")
     json.dumps(check, allow_nan=False)
+
+
+def test_a_log_of_one_step_trajectories_says_so_and_still_plots(tmp_path):
+    """A run whose trajectories never reach a second step (a short SOD run's steps.jsonl): nothing to check."""
+    log = [_traj([1.0], [0.3], None, correct=bool(i % 2)) for i in range(6)]
+    check = premise_check(log)
+    assert check["trajectories"] == 0 and check["position_r2"] is None
+    assert check["verdict"] == "no trajectory with two or more weighted steps: nothing to check"
+    out = plot_premise(check, log, tmp_path / "premise.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"

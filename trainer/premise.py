@@ -220,7 +220,10 @@ def plot_premise(check: dict, records: list[dict], out: Path, *, title: str = ""
             for s in _steps(r):
                 by_k.setdefault(int(s["k"]), []).append(s["w"])
         ks = sorted(by_k)
-        left.boxplot([by_k[k] for k in ks], tick_labels=[str(k) for k in ks], showfliers=False)
+        if ks:
+            left.boxplot([by_k[k] for k in ks], tick_labels=[str(k) for k in ks], showfliers=False)
+        else:
+            left.text(0.5, 0.5, "no trajectory with two or more steps", ha="center", transform=left.transAxes)
         left.set_xlabel("step k")
         left.set_title("w_k by step index (no per-step labels)", fontsize=10)
     left.set_ylabel("step weight w_k")
