@@ -5,13 +5,14 @@ sodkern package). It imports the preload modules, locks itself into a new root (
 jail.c: private mount and network namespaces, read-only binds of the allowed paths only) and answers
 requests on the socket ``config["fd"]``:
 
-request: a JSON object ``{"stdin": bool}`` with descriptors [code, stdout, stderr(, stdin)] (the code as a
-UTF-8 file); reply: ``{"status": wait status, "cpu": seconds, "reason": "timeout" | "killed" | null}``. A
-message ``kill`` during a run stops the snippet; end of file on the socket stops the server.
+request: ``run`` with descriptors [code, stdout, stderr(, stdin)] (the code as a UTF-8 file); reply:
+``{"status": wait status, "cpu": seconds, "reason": "timeout" | "killed" | null}``. A message ``kill``
+during a run stops the snippet; end of file on the socket stops the server.
 
-Each snippet is forked as PID 1 of a new PID namespace, enters its isolation (``sbx_enter``: own /proc, IPC
-and mount namespaces, size-capped /tmp and /dev/shm, cgroups, rlimits, Landlock, its own uid, seccomp) and
-runs ``main.py`` in a fresh ``__main__``; when it exits, the kernel kills whatever it left running.
+The loop is ``sbx_serve`` in jail.c. Each snippet is forked as PID 1 of a new PID namespace, enters its
+isolation (``sbx_enter``: own /proc, IPC and mount namespaces, size-capped /tmp and /dev/shm, cgroups, rlimits,
+Landlock, its own uid, seccomp), gets ``main.py`` in its work dir and returns here to run it in a fresh
+``__main__``; when it exits, the kernel kills whatever it left running.
 """
 
 import atexit
@@ -21,14 +22,11 @@ import ctypes
 import gc
 import json
 import os
-import select
 import socket
 import sys
-import time
 import traceback
 import types
 
-CLONE_NEWPID = 0x20000000
 PR_SET_NAME = 15
 WORKDIR = "/tmp/sodkern-sbx"  # on the snippet's own tmpfs; HOME and TMPDIR point here (see server.py)
 
@@ -65,7 +63,7 @@ def main():
             __import__(name)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_NAME, b"sodkern-sbx-srv", 0, 0, 0)  # how ps and perf show it
-    lib = ctypes.CDLL(config["lib"], use_errno=True)
+    lib = ctypes.PyDLL(config["lib"], use_errno=True)  # keeps the GIL: held across the fork
     sock = socket.socket(fileno=config["fd"])
     reads = config["reads"]
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)  # /proc is gone after the setup
@@ -88,83 +86,26 @@ def main():
     gc.collect()
     gc.freeze()  # the forks' collector never walks (and so never copies) the server's imported objects
     sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
-    while True:
-        try:
-            message, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
-        except OSError:
-            return
-        if not message:
-            return
-        if message == b"kill":  # came after the snippet it was meant for had ended
-            for fd in fds:
-                os.close(fd)
-            continue
-        request = json.loads(message)
-        if libc.unshare(CLONE_NEWPID) != 0:
-            reply = {"error": f"unshare(CLONE_NEWPID): {os.strerror(ctypes.get_errno())}"}
-            sock.send(json.dumps(reply).encode())
-            for fd in fds:
-                os.close(fd)
-            continue
-        pid = os.fork()
-        if pid == 0:
-            libc.prctl(PR_SET_NAME, b"sodkern-snippet", 0, 0, 0)
-            child(lib, limits, c_reads, len(reads) + 2, fds, request)
-        libc.setns(own_pidns, CLONE_NEWPID)
-        for fd in fds:
-            os.close(fd)
-        sock.send(json.dumps(supervise(sock, pid, config["timeout"])).encode())
+    serve = lib.sbx_serve
+    serve.argtypes = [ctypes.c_int, ctypes.c_double, ctypes.POINTER(Limits), ctypes.POINTER(ctypes.c_char_p)]
+    serve.argtypes += [ctypes.c_int, ctypes.c_int]
+    # The loop runs in C (no Python, few pages touched in the server while a fork shares them); it returns
+    # 1 in each snippet's child, already isolated, with main.py written, and 0 in the server at end of file.
+    # The fork is libc's, not os.fork(): the server is single-threaded, so Python's after-fork work (a
+    # copy of every page it touches) has nothing to repair; the one hook that matters, reseeding random,
+    # is done by hand (run_snippet).
+    if serve(sock.fileno(), float(config["timeout"]), ctypes.byref(limits), c_reads, len(reads) + 2, own_pidns):
+        child()
 
 
-def supervise(sock, pid, timeout):
-    """Wait for the snippet (PID 1 of its namespace) until it exits, times out or the caller says kill."""
-    pidfd = os.pidfd_open(pid)
-    deadline = time.monotonic() + timeout
-    reason = None
-    try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                reason = "timeout"
-                break
-            ready, _, _ = select.select([pidfd, sock], [], [], remaining)
-            if pidfd in ready:
-                break
-            if sock in ready:
-                data = sock.recv(64)
-                reason = "killed"
-                if not data:  # the caller is gone: stop this snippet and then the server
-                    os.kill(pid, 9)
-                    os.waitpid(pid, 0)
-                    sys.exit(0)
-                break
-        if reason is not None:
-            os.kill(pid, 9)  # PID 1 of its namespace: every process of the snippet dies with it
-    finally:
-        os.close(pidfd)
-    _, status, usage = os.wait4(pid, 0)
-    return {"status": status, "cpu": usage.ru_utime + usage.ru_stime, "reason": reason}
+def child():
+    """The snippet's process, isolated, in its work dir: main.py in a fresh __main__; never returns.
 
-
-def child(lib, limits, c_reads, nread, fds, request):
-    """The snippet's process: std streams, isolation, then main.py in a fresh __main__; never returns.
-
-    Every page it writes is a copy of the server's, so it touches as little as it can: the server's own
-    stream objects (already on fds 0-2, write-through) and environment (the snippet's) are reused."""
-    code_fd, out_fd, err_fd = fds[:3]
-    stdin_fd = fds[3] if request["stdin"] else os.open("/dev/null", os.O_RDONLY)
-    for fd, target in ((stdin_fd, 0), (out_fd, 1), (err_fd, 2)):
-        os.dup2(fd, target)
-    code = os.pread(code_fd, os.fstat(code_fd).st_size, 0)
-    lib.sbx_enter(ctypes.byref(limits), c_reads, nread)
-    os.closerange(3, 1 << 16)
+    It reuses the server's stream objects (on fds 0-2, write-through) and environment (the snippet's)."""
     status = 1
     try:
-        os.mkdir(WORKDIR, 0o700)
-        os.chdir(WORKDIR)
-        fd = os.open("main.py", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, code)
-        os.close(fd)
+        with open("main.py", "rb") as f:
+            code = f.read()
         status = run_snippet(code)
         threading = sys.modules.get("threading")
         if threading is not None:
@@ -184,6 +125,8 @@ def run_snippet(code):
     sys.argv = ["main.py"]
     sys.path.insert(0, WORKDIR)
     builtins.exit = builtins.quit = sys.exit
+    if "random" in sys.modules:
+        sys.modules["random"].seed()  # os.fork() would have (an after-fork hook); the server's fork is libc's
     if "numpy.random" in sys.modules:
         sys.modules["numpy.random"].seed()  # random reseeds itself after fork; numpy's global state does not
     main = types.ModuleType("__main__")

@@ -16,12 +16,18 @@
  * paths); the user switch to the snippet's own uid (or, without one, an empty capability set);
  * PR_SET_PDEATHSIG; the seccomp filter of isolation.c.  Errors print "sodkern-sandbox: ..." to fd 2 and
  * _exit(126).
+ *
+ * sbx_serve (the server's loop, so that the server runs no Python between snippets and touches few of its
+ * pages while a fork shares them): per request, a new PID namespace, a fork, in the child its std streams,
+ * sbx_enter and the code written to main.py in the work dir; in the server the supervision (wall-clock limit,
+ * "kill" from the caller) and the reply.  The child returns into Python, which runs main.py.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <limits.h>
+#include <poll.h>
 #include <linux/capability.h>
 #include <sched.h>
 #include <signal.h>
@@ -31,11 +37,21 @@
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "isolation.h"
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
 
 #define ROOT "/tmp" /* where the new root is built before pivot_root (inside the private mount namespace) */
 
@@ -215,4 +231,150 @@ void sbx_enter(const struct sbx_limits *l, char **reads, int nread) {
     }
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) die("prctl(PR_SET_PDEATHSIG)");
     apply_seccomp(0);
+}
+
+#define WORKDIR "/tmp/sodkern-sbx" /* the snippet's work dir, on its own tmpfs (forkserver.py, server.py) */
+
+/* One request: "run" with descriptors [code, stdout, stderr(, stdin)]; returns the message length (0: end of
+ * file), the descriptors in fds[0..*nfd). */
+static ssize_t receive(int sock, char *msg, size_t len, int fds[4], int *nfd) {
+    char control[CMSG_SPACE(4 * sizeof(int))];
+    struct iovec iov = {msg, len};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof(control)};
+    ssize_t n;
+    do n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    *nfd = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            for (int i = 0; i < k && *nfd < 4; i++) memcpy(&fds[(*nfd)++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+        }
+    return n;
+}
+
+static void close_all(int *fds, int n) {
+    for (int i = 0; i < n; i++) close(fds[i]);
+}
+
+static void reply_error(int sock, const char *what) {
+    char text[256];
+    snprintf(text, sizeof(text), "{\"error\": \"%s: %s\"}", what, strerror(errno));
+    send(sock, text, strlen(text), MSG_NOSIGNAL);
+}
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* The child of a request: std streams, isolation, main.py in the work dir; never fails back (die). */
+static void enter_child(int *fds, int nfd, const struct sbx_limits *l, char **reads, int nread) {
+    prctl(PR_SET_NAME, "sodkern-snippet", 0, 0, 0);
+    int in = nfd > 3 ? fds[3] : open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (in < 0 || dup2(in, 0) < 0 || dup2(fds[1], 1) < 0 || dup2(fds[2], 2) < 0) die("std streams");
+    struct stat st;
+    if (fstat(fds[0], &st) != 0) die("code");
+    char *code = malloc((size_t)st.st_size + 1);
+    if (code == NULL) die("code");
+    off_t got = 0;
+    while (got < st.st_size) {
+        ssize_t n = pread(fds[0], code + got, (size_t)(st.st_size - got), got);
+        if (n <= 0) die("reading the code");
+        got += n;
+    }
+    sbx_enter(l, reads, nread);
+    syscall(SYS_close_range, 3U, ~0U, 0U);
+    if (mkdir(WORKDIR, 0700) != 0 || chdir(WORKDIR) != 0) die(WORKDIR);
+    int fd = open("main.py", O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) die("main.py");
+    for (off_t done = 0; done < got;) {
+        ssize_t n = write(fd, code + done, (size_t)(got - done));
+        if (n <= 0) die("main.py");
+        done += n;
+    }
+    close(fd);
+    free(code);
+}
+
+/* Wait for the snippet (PID 1 of its namespace) until it exits, the wall-clock limit passes or the caller says
+ * "kill"; reply its wait status, CPU time and why it was stopped.  Returns 0, or -1 when the caller is gone. */
+static int supervise(int sock, pid_t pid, double timeout) {
+    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    const char *reason = NULL;
+    int gone = 0;
+    double deadline = now() + timeout;
+    while (pidfd >= 0) {
+        double remaining = deadline - now();
+        if (remaining <= 0) {
+            reason = "\"timeout\"";
+            break;
+        }
+        struct pollfd p[2] = {{pidfd, POLLIN, 0}, {sock, POLLIN, 0}};
+        int r = poll(p, 2, (int)(remaining * 1000) + 1);
+        if (r < 0 && errno != EINTR) break;
+        if (r <= 0) continue;
+        if (p[0].revents) break;
+        char data[64];
+        ssize_t n = recv(sock, data, sizeof(data), MSG_DONTWAIT);
+        if (n < 0 && errno == EAGAIN) continue;
+        reason = "\"killed\"";
+        gone = n <= 0;
+        break;
+    }
+    if (pidfd >= 0) close(pidfd);
+    if (reason != NULL || pidfd < 0) kill(pid, SIGKILL); /* PID 1 of its namespace: all its processes die */
+    int status = 0;
+    struct rusage ru;
+    memset(&ru, 0, sizeof(ru));
+    while (wait4(pid, &status, 0, &ru) < 0 && errno == EINTR) {
+    }
+    if (gone) return -1;
+    double cpu = (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + 1e-6 * (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+    char text[160];
+    snprintf(text, sizeof(text), "{\"status\": %d, \"cpu\": %.6f, \"reason\": %s}", status, cpu, reason ? reason : "null");
+    send(sock, text, strlen(text), MSG_NOSIGNAL);
+    return 0;
+}
+
+int sbx_serve(int sock, double timeout, const struct sbx_limits *l, char **reads, int nread, int own_pidns) {
+    for (;;) {
+        char msg[64];
+        int fds[4], nfd;
+        ssize_t n = receive(sock, msg, sizeof(msg), fds, &nfd);
+        if (n <= 0) {
+            close_all(fds, nfd);
+            return 0; /* end of file: the caller closed the server */
+        }
+        if (n == 4 && memcmp(msg, "kill", 4) == 0) { /* came after the snippet it was meant for had ended */
+            close_all(fds, nfd);
+            continue;
+        }
+        if (nfd < 3) {
+            errno = EINVAL;
+            reply_error(sock, "request without its descriptors");
+            close_all(fds, nfd);
+            continue;
+        }
+        if (unshare(CLONE_NEWPID) != 0) {
+            reply_error(sock, "unshare(CLONE_NEWPID)");
+            close_all(fds, nfd);
+            continue;
+        }
+        pid_t pid = fork();
+        if (pid == 0) {
+            enter_child(fds, nfd, l, reads, nread);
+            return 1;
+        }
+        int err = errno;
+        setns(own_pidns, CLONE_NEWPID);
+        close_all(fds, nfd);
+        if (pid < 0) {
+            errno = err;
+            reply_error(sock, "fork");
+            continue;
+        }
+        if (supervise(sock, pid, timeout) != 0) return 0;
+    }
 }

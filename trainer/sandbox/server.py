@@ -93,7 +93,7 @@ class ForkServer:
         if stdin is not None:
             fds.append(_memfd("stdin", stdin.encode("utf-8", errors="replace")))
         try:
-            socket.send_fds(self.sock, [json.dumps({"stdin": stdin is not None}).encode()], fds)
+            socket.send_fds(self.sock, [b"run"], fds)
         except OSError as exc:
             for fd in (out_r, err_r):
                 os.close(fd)
