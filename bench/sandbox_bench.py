@@ -39,7 +39,7 @@ def _peak_rss_mb(sandbox: LocalSandbox) -> float | None:
     total = 0
     for server in servers:
         try:
-            with open(f"/proc/{server.proc.pid}/status") as f:
+            with open(f"/proc/{server.pid}/status") as f:
                 total += next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
         except (OSError, StopIteration):
             return None
@@ -52,7 +52,7 @@ def _cpu_seconds(runner) -> float:
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     total = me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
     for server in list(runner._servers.queue) if getattr(runner, "fork_server", False) else []:
-        with open(f"/proc/{server.proc.pid}/stat") as f:
+        with open(f"/proc/{server.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
     return total

@@ -1,18 +1,19 @@
 """The fork server: one per sandbox slot, Python and common modules imported once, one fork per snippet.
 
 Run by server.py as ``python -I -S forkserver.py CONFIG_JSON`` (standard library only: it runs apart from the
-sodkern package). It imports the preload modules, locks itself into a new root (``sbx_server_setup`` in
-jail.c: private mount and network namespaces, read-only binds of the allowed paths only) and answers
-requests on the socket ``config["fd"]``:
+sodkern package). It imports the preload modules, locks itself into a new root as PID 1 of its own namespaces
+(``sbx_server_setup`` in jail.c: private mount, network, IPC and PID namespaces, read-only binds of the allowed
+paths only, the slot's cgroups, a seccomp filter; the process that started waits outside) and answers requests
+on the socket ``config["fd"]``:
 
 request: ``run`` with descriptors [code, stdout, stderr(, stdin)] (the code as a UTF-8 file); reply:
 ``{"status": wait status, "cpu": seconds, "reason": "timeout" | "killed" | null}``. A message ``kill``
 during a run stops the snippet; end of file on the socket stops the server.
 
-The loop is ``sbx_serve`` in jail.c. Each snippet is forked as PID 1 of a new PID namespace, enters its
-isolation (``sbx_enter``: own /proc, IPC and mount namespaces, size-capped /tmp and /dev/shm, cgroups, rlimits,
-Landlock, its own uid, seccomp), gets ``main.py`` in its work dir and returns here to run it in a fresh
-``__main__``; when it exits, the kernel kills whatever it left running.
+The loop is ``sbx_serve`` in jail.c. Each snippet gets fresh size-capped tmpfs mounts on /tmp and /dev/shm, is
+forked, enters its isolation (``sbx_enter``: rlimits, Landlock, its own uid, its share of the seccomp filter),
+gets ``main.py`` in its work dir and returns here to run it in a fresh ``__main__``; when it has ended, the
+server kills and reaps whatever it left running in the namespace before it replies.
 """
 
 import atexit
@@ -35,8 +36,6 @@ class Limits(ctypes.Structure):
     _fields_ = [
         *((name, ctypes.c_longlong) for name in ("uid", "gid", "work_bytes", "shm_bytes", "inodes")),
         *((name, ctypes.c_longlong) for name in ("cpu", "as_", "fsize", "nproc", "nofile")),
-        ("cgroup_fds", ctypes.c_int * 4),
-        ("ncgroup", ctypes.c_int),
     ]
 
 
@@ -66,35 +65,35 @@ def main():
     lib = ctypes.PyDLL(config["lib"], use_errno=True)  # keeps the GIL: held across the fork
     sock = socket.socket(fileno=config["fd"])
     reads = config["reads"]
-    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)  # /proc is gone after the setup
-    mapped = vm_size()
-    if lib.sbx_server_setup(c_strings(reads), len(reads), int(config["unprivileged"])) != 0:
-        sys.exit(2)
     limits = Limits()
     for key, value in config["limits"].items():
         setattr(limits, "as_" if key == "as" else key, value)
     if config["uid_base"] is not None:  # a uid of its own: no file and no other live snippet has it
         limits.uid = limits.gid = config["uid_base"] + os.getpid()
-    limits.as_ = mapped + config["limits"]["as"]  # RLIMIT_AS on top of what the fork already maps
-    cgroups = config["cgroup_fds"]
-    limits.cgroup_fds[: len(cgroups)] = cgroups
-    limits.ncgroup = len(cgroups)
+    limits.as_ = vm_size() + config["limits"]["as"]  # RLIMIT_AS on top of what the fork already maps
     c_reads = c_strings([*reads, "/proc", "/dev"])
+    cgroups = config["cgroup_fds"]
     atexit._clear()  # the server never exits normally: a snippet runs only its own exit functions
     sys.stdout.reconfigure(write_through=True)  # the snippets' streams (see child)
     sys.stderr.reconfigure(write_through=True)
     gc.collect()
     gc.freeze()  # the forks' collector never walks (and so never copies) the server's imported objects
-    sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
+    # From here on this process is PID 1 of its own namespaces (the one that ran until now waits outside).
+    outer_pid = ctypes.c_longlong()
+    setup = lib.sbx_server_setup(c_strings(reads), len(reads), int(config["unprivileged"]),
+                                 (ctypes.c_int * 4)(*cgroups), len(cgroups), ctypes.byref(outer_pid))  # fmt: skip
+    if setup != 0:
+        sys.exit(2)
+    sock.send(json.dumps({"ready": True, "pid": outer_pid.value}).encode())
     serve = lib.sbx_serve
     serve.argtypes = [ctypes.c_int, ctypes.c_double, ctypes.POINTER(Limits), ctypes.POINTER(ctypes.c_char_p)]
-    serve.argtypes += [ctypes.c_int, ctypes.c_int]
+    serve.argtypes += [ctypes.c_int]
     # The loop runs in C (no Python, few pages touched in the server while a fork shares them); it returns
     # 1 in each snippet's child, already isolated, with main.py written, and 0 in the server at end of file.
     # The fork is libc's, not os.fork(): the server is single-threaded, so Python's after-fork work (a
     # copy of every page it touches) has nothing to repair; the one hook that matters, reseeding random,
     # is done by hand (run_snippet).
-    if serve(sock.fileno(), float(config["timeout"]), ctypes.byref(limits), c_reads, len(reads) + 2, own_pidns):
+    if serve(sock.fileno(), float(config["timeout"]), ctypes.byref(limits), c_reads, len(reads) + 2) == 1:
         child()
 
 

@@ -213,7 +213,12 @@ static void signal_only_self(int nr, uint32_t self, int group) {
     emit(RET_ALLOW);
 }
 
-void apply_seccomp(int restrict_signals) {
+/* The calls a fork server itself still needs for each snippet (fresh tmpfs mounts; the snippet's session):
+ * the server's filter allows them, each snippet's own small filter denies them. */
+static const int server_needs[] = {__NR_mount, __NR_umount2, __NR_setsid};
+
+void apply_seccomp(int restrict_signals, int part) {
+    nfilter = 0; /* a fork server's child installs its own after the server's */
     emit(LOAD(offsetof(struct seccomp_data, arch)));
     emit(JEQ(SBX_AUDIT_ARCH, 1, 0));
     emit(RET_KILL);
@@ -222,12 +227,28 @@ void apply_seccomp(int restrict_signals) {
     emit(JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000u /* __X32_SYSCALL_BIT */, 0, 1));
     emit(RET_KILL);
 #endif
+    if (part == SBX_FILTER_SNIPPET) {
+        for (size_t i = 0; i < sizeof(server_needs) / sizeof(server_needs[0]); i++) deny(server_needs[i], EPERM);
+        /* limits, priority and scheduling of the process itself only (pid 0): never of the server, whose
+         * user a snippet shares in a user namespace */
+        static const int self_only[][2] = {{__NR_prlimit64, 0}, {__NR_setpriority, 1}, {__NR_ioprio_set, 1},
+                                           {__NR_sched_setaffinity, 0}, {__NR_sched_setscheduler, 0},
+                                           {__NR_sched_setparam, 0}, {__NR_sched_setattr, 0}};
+        for (size_t i = 0; i < sizeof(self_only) / sizeof(self_only[0]); i++)
+            allow_arg_eq(self_only[i][0], self_only[i][1], 0, EPERM);
+        emit(RET_ALLOW);
+        struct sock_fprog prog = {nfilter, filter};
+        if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0) die("prctl(PR_SET_SECCOMP)");
+        return;
+    }
+    if (part == SBX_FILTER_ALL)
+        for (size_t i = 0; i < sizeof(server_needs) / sizeof(server_needs[0]); i++) deny(server_needs[i], EPERM);
     deny(__NR_socket, EPERM);
     allow_arg_eq(__NR_socketpair, 0, AF_UNIX, EPERM);
     static const int denied[] = {
         __NR_ptrace, __NR_process_vm_readv, __NR_process_vm_writev, __NR_bpf, __NR_perf_event_open,
-        __NR_userfaultfd, __NR_keyctl, __NR_add_key, __NR_request_key, __NR_unshare, __NR_setns, __NR_mount,
-        __NR_umount2, __NR_pivot_root, __NR_chroot, __NR_setsid, __NR_setpgid, __NR_kexec_load,
+        __NR_userfaultfd, __NR_keyctl, __NR_add_key, __NR_request_key, __NR_unshare, __NR_setns,
+        __NR_pivot_root, __NR_chroot, __NR_setpgid, __NR_kexec_load,
         __NR_init_module, __NR_finit_module, __NR_delete_module, __NR_reboot, __NR_swapon, __NR_swapoff,
         __NR_acct, __NR_open_by_handle_at,
 #ifdef __NR_io_uring_setup
@@ -238,6 +259,14 @@ void apply_seccomp(int restrict_signals) {
 #endif
     };
     for (size_t i = 0; i < sizeof(denied) / sizeof(denied[0]); i++) deny(denied[i], EPERM);
+    if (part == SBX_FILTER_SERVER) { /* System V and POSIX message-queue IPC: nothing a snippet could leave */
+        static const int ipc[] = {
+            __NR_shmget, __NR_shmat, __NR_shmctl, __NR_shmdt, __NR_semget, __NR_semop, __NR_semctl,
+            __NR_semtimedop, __NR_msgget, __NR_msgsnd, __NR_msgrcv, __NR_msgctl, __NR_mq_open, __NR_mq_unlink,
+            __NR_mq_timedsend, __NR_mq_timedreceive, __NR_mq_notify, __NR_mq_getsetattr,
+        };
+        for (size_t i = 0; i < sizeof(ipc) / sizeof(ipc[0]); i++) deny(ipc[i], EPERM);
+    }
 #ifdef __NR_clone3
     deny(__NR_clone3, ENOSYS);
 #endif

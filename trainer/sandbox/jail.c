@@ -1,26 +1,29 @@
 /*
  * libsodkern-sandbox: the isolation of the fork server (forkserver.py), called through ctypes.
  *
- * sbx_server_setup (once per server, i.e. per slot, after its modules are imported): a private mount and
- * network namespace (plus a user namespace mapping the caller to root when it is not root), and a new root
- * file system: a read-only tmpfs holding read-only, non-recursive bind mounts of the given paths only
- * (system directories, the interpreter's install), a minimal /dev (null, zero, full, random, urandom) and
- * empty mount points /proc, /tmp and /dev/shm; pivot_root into it and detach the old root.  Nothing else of
- * the host (other users' files, /root, /tmp, the checkout, /sys) exists in it.
+ * sbx_server_setup (once per server, i.e. per slot, after its modules are imported): new mount, network,
+ * IPC and PID namespaces (plus a user namespace mapping the caller to root when it is not root).  The
+ * calling process forks: it stays outside, waits for the server and exits with its status (it never
+ * returns); the child, PID 1 of the new PID namespace, is the server from then on.  It gets a new root file
+ * system (a read-only tmpfs holding read-only, non-recursive bind mounts of the given paths only, a minimal
+ * /dev (null, zero, full, random, urandom), mount points /tmp and /dev/shm), pivot_root into it and detach
+ * the old root; its own /proc (hidepid=2: a snippet sees its own processes only, the server is not
+ * dumpable); the slot's cgroups (memory, pids: every snippet is in them from its fork); the server's share
+ * of the seccomp filter (isolation.c).  Nothing else of the host (other users' files, /root, /tmp, the
+ * checkout, /sys, other processes, IPC objects) exists in it.
  *
- * sbx_enter (in each snippet's child, which the server forked as PID 1 of a new PID namespace): a private
- * mount and IPC namespace; a fresh /proc of that PID namespace (no other process visible); a size-limited
- * tmpfs owned by the snippet's user on /tmp (its work dir lives there) and another on /dev/shm; the
- * snippet's cgroups (memory, pids: joined through descriptors the server opened); a session of its own;
- * rlimits; PR_SET_NO_NEW_PRIVS; Landlock (writes only to /tmp, /dev/shm, /dev/null; reads only to the given
- * paths); the user switch to the snippet's own uid (or, without one, an empty capability set);
- * PR_SET_PDEATHSIG; the seccomp filter of isolation.c.  Errors print "sodkern-sandbox: ..." to fd 2 and
- * _exit(126).
+ * sbx_serve (the server's loop, in C so that the server runs no Python between snippets and touches few of
+ * its pages while a fork shares them): per request, a fresh size-limited tmpfs on /tmp (owned by the
+ * snippet's user; its work dir lives there) and on /dev/shm, a fork (libc's), and in the server the
+ * supervision (wall-clock limit, "kill" from the caller); when the snippet's process has ended, every
+ * process left in the namespace is killed and reaped, then the reply goes out.  The child sets up its std
+ * streams, enters its isolation (sbx_enter), writes main.py into the work dir and returns into Python,
+ * which runs it.
  *
- * sbx_serve (the server's loop, so that the server runs no Python between snippets and touches few of its
- * pages while a fork shares them): per request, a new PID namespace, a fork, in the child its std streams,
- * sbx_enter and the code written to main.py in the work dir; in the server the supervision (wall-clock limit,
- * "kill" from the caller) and the reply.  The child returns into Python, which runs main.py.
+ * sbx_enter (in the child): a session of its own; rlimits; PR_SET_NO_NEW_PRIVS; Landlock (writes only to
+ * /tmp, /dev/shm, /dev/null; reads only to the given paths); the user switch to the snippet's own uid (or,
+ * without one, an empty capability set); PR_SET_PDEATHSIG; the snippet's share of the seccomp filter.
+ * Errors print "sodkern-sandbox: ..." to fd 2 and _exit(126).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -123,14 +126,41 @@ static int map_user(unsigned uid, unsigned gid) {
     return 0;
 }
 
-int sbx_server_setup(char **paths, int npath, int unprivileged) {
+/* The calling process splits in two: the caller waits for the server (the child, PID 1 of the new PID
+ * namespace) and exits with its status, never returning; the child returns 0 and reads its pid as the
+ * parent namespace sees it into *outer_pid. */
+static int split(int flags, int unprivileged, long long *outer_pid) {
+    unsigned uid = getuid(), gid = getgid();
+    if (unshare(flags) != 0) return setup_error("unshare(mount, net, IPC, PID namespaces)");
+    if (unprivileged && map_user(uid, gid) != 0) return -1;
+    int link[2];
+    if (pipe2(link, O_CLOEXEC) != 0) return setup_error("pipe");
+    pid_t pid = fork();
+    if (pid < 0) return setup_error("fork");
+    if (pid > 0) { /* the waiter: holds nothing (a socket kept open here would hide the server's exit) */
+        if (write(link[1], &pid, sizeof(pid)) != (ssize_t)sizeof(pid)) _exit(126);
+        syscall(SYS_close_range, 3U, ~0U, 0U);
+        int status = 0;
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+        }
+        _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+    }
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) return setup_error("prctl(PR_SET_PDEATHSIG)");
+    close(link[1]);
+    pid_t outer = 0;
+    if (read(link[0], &outer, sizeof(outer)) != (ssize_t)sizeof(outer)) return setup_error("reading the pid");
+    close(link[0]);
+    *outer_pid = outer;
+    return 0;
+}
+
+int sbx_server_setup(char **paths, int npath, int unprivileged, const int *cgroup_fds, int ncgroup,
+                     long long *outer_pid) {
     static const char *devices[] = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"};
     enum { NDEV = sizeof(devices) / sizeof(devices[0]) };
     if (npath > MAX_PATHS) return errno = E2BIG, setup_error("too many read paths");
-    unsigned uid = getuid(), gid = getgid();
-    int flags = CLONE_NEWNS | CLONE_NEWNET | (unprivileged ? CLONE_NEWUSER : 0);
-    if (unshare(flags) != 0) return setup_error("unshare(mount, net namespaces)");
-    if (unprivileged && map_user(uid, gid) != 0) return -1;
+    int flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWPID | (unprivileged ? CLONE_NEWUSER : 0);
+    if (split(flags, unprivileged, outer_pid) != 0) return -1;
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) return setup_error("mount(/, MS_PRIVATE)");
     int fds[MAX_PATHS + NDEV];
     int n = 0;
@@ -158,15 +188,24 @@ int sbx_server_setup(char **paths, int npath, int unprivileged) {
     for (size_t i = 0; i < sizeof(links) / sizeof(links[0]); i++)
         if (symlink(links[i][0], links[i][1]) != 0 && errno != EEXIST) return setup_error(links[i][1]);
     /* In a user namespace a new proc may only be mounted where a fully visible one exists: keep the host's
-     * at /proc; each snippet mounts its own over it (and may not unmount it: no capability, seccomp). */
+     * at /proc, under the server's own (which no snippet may unmount: no capability, seccomp). */
     if (unprivileged && mount("/proc", ROOT "/proc", NULL, MS_BIND | MS_REC, NULL) != 0)
         return setup_error("bind /proc");
     if (syscall(SYS_pivot_root, ROOT, ROOT "/.old") != 0) return setup_error("pivot_root");
     if (chdir("/") != 0) return setup_error("chdir(/)");
     if (umount2("/.old", MNT_DETACH) != 0) return setup_error("umount(old root)");
     if (rmdir("/.old") != 0) return setup_error("rmdir(/.old)");
+    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2") != 0)
+        return setup_error("mount(/proc)");
     if (mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) != 0)
         return setup_error("remount / read-only");
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) return setup_error("prctl(PR_SET_DUMPABLE)");
+    for (int i = 0; i < ncgroup; i++) {
+        if (write(cgroup_fds[i], "0", 1) != 1) return setup_error("joining the slot's cgroup");
+        close(cgroup_fds[i]);
+    }
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return setup_error("prctl(PR_SET_NO_NEW_PRIVS)");
+    apply_seccomp(0, SBX_FILTER_SERVER);
     return 0;
 }
 
@@ -174,8 +213,6 @@ struct sbx_limits {
     long long uid, gid;                            /* the snippet's own user; -1: stay (user namespace) */
     long long work_bytes, shm_bytes, inodes;       /* tmpfs sizes of /tmp and /dev/shm; inodes of /tmp */
     long long cpu, as, fsize, nproc, nofile;       /* rlimits; -1: unset */
-    int cgroup_fds[4];                             /* cgroup.procs files to join ("0": this process) */
-    int ncgroup;
 };
 
 static void set_limit(int resource, const char *name, long long value, long long hard) {
@@ -194,20 +231,6 @@ static void drop_capabilities(void) {
 }
 
 void sbx_enter(const struct sbx_limits *l, char **reads, int nread) {
-    char opts[160];
-    if (unshare(CLONE_NEWNS | CLONE_NEWIPC) != 0) die("unshare(mount, IPC namespaces)");
-    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("mount(/proc)");
-    long long owner = l->uid >= 0 ? l->uid : 0, group = l->gid >= 0 ? l->gid : 0;
-    snprintf(opts, sizeof(opts), "mode=0700,uid=%lld,gid=%lld,size=%lld,nr_inodes=%lld", owner, group,
-             l->work_bytes, l->inodes);
-    if (mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts) != 0) die("mount(/tmp tmpfs)");
-    snprintf(opts, sizeof(opts), "mode=1777,size=%lld,nr_inodes=1024", l->shm_bytes);
-    if (mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts) != 0)
-        die("mount(/dev/shm tmpfs)");
-    for (int i = 0; i < l->ncgroup; i++) {
-        if (write(l->cgroup_fds[i], "0", 1) != 1) die("joining the snippet's cgroup");
-        close(l->cgroup_fds[i]);
-    }
     if (setsid() < 0) die("setsid");
     set_limit(RLIMIT_CORE, "RLIMIT_CORE", 0, 0);
     set_limit(RLIMIT_CPU, "RLIMIT_CPU", l->cpu, l->cpu + 1);
@@ -230,7 +253,7 @@ void sbx_enter(const struct sbx_limits *l, char **reads, int nread) {
         drop_capabilities();
     }
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) die("prctl(PR_SET_PDEATHSIG)");
-    apply_seccomp(0);
+    apply_seccomp(0, SBX_FILTER_SNIPPET);
 }
 
 #define WORKDIR "/tmp/sodkern-sbx" /* the snippet's work dir, on its own tmpfs (forkserver.py, server.py) */
@@ -298,8 +321,18 @@ static void enter_child(int *fds, int nfd, const struct sbx_limits *l, char **re
     free(code);
 }
 
-/* Wait for the snippet (PID 1 of its namespace) until it exits, the wall-clock limit passes or the caller says
- * "kill"; reply its wait status, CPU time and why it was stopped.  Returns 0, or -1 when the caller is gone. */
+/* Every process of the namespace but the server (PID 1), i.e. whatever the snippet left running: killed and
+ * reaped (orphans are re-parented to PID 1, so "no child left" means none left). */
+static void kill_leftovers(void) {
+    for (;;) {
+        kill(-1, SIGKILL);
+        if (waitpid(-1, NULL, __WALL) < 0 && errno == ECHILD) return;
+    }
+}
+
+/* Wait for the snippet's process until it exits, the wall-clock limit passes or the caller says "kill";
+ * kill what is left; reply its wait status, CPU time and why it was stopped.  Returns 0, or -1 when the
+ * caller is gone. */
 static int supervise(int sock, pid_t pid, double timeout) {
     int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
     const char *reason = NULL;
@@ -324,21 +357,39 @@ static int supervise(int sock, pid_t pid, double timeout) {
         break;
     }
     if (pidfd >= 0) close(pidfd);
-    if (reason != NULL || pidfd < 0) kill(pid, SIGKILL); /* PID 1 of its namespace: all its processes die */
+    if (reason != NULL || pidfd < 0) kill(pid, SIGKILL);
     int status = 0;
     struct rusage ru;
     memset(&ru, 0, sizeof(ru));
     while (wait4(pid, &status, 0, &ru) < 0 && errno == EINTR) {
     }
+    kill_leftovers();
     if (gone) return -1;
-    double cpu = (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + 1e-6 * (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+    double cpu = (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+                 1e-6 * (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
     char text[160];
-    snprintf(text, sizeof(text), "{\"status\": %d, \"cpu\": %.6f, \"reason\": %s}", status, cpu, reason ? reason : "null");
+    snprintf(text, sizeof(text), "{\"status\": %d, \"cpu\": %.6f, \"reason\": %s}", status, cpu,
+             reason ? reason : "null");
     send(sock, text, strlen(text), MSG_NOSIGNAL);
     return 0;
 }
 
-int sbx_serve(int sock, double timeout, const struct sbx_limits *l, char **reads, int nread, int own_pidns) {
+/* A new, empty tmpfs on `path` in place of the last snippet's (nothing of it is seen again). */
+static int fresh_tmpfs(const char *path, unsigned long flags, const char *options) {
+    if (umount2(path, MNT_DETACH) != 0 && errno != EINVAL) return -1; /* EINVAL: none mounted yet */
+    return mount("tmpfs", path, "tmpfs", flags, options);
+}
+
+int sbx_serve(int sock, double timeout, const struct sbx_limits *l, char **reads, int nread) {
+    if (getpid() != 1) { /* kill(-1) below must only ever reach the server's own namespace */
+        fprintf(stderr, "sodkern-sandbox: sbx_serve outside the server's PID namespace\n");
+        return -1;
+    }
+    char work[160], shm[96];
+    long long owner = l->uid >= 0 ? l->uid : 0, group = l->gid >= 0 ? l->gid : 0;
+    snprintf(work, sizeof(work), "mode=0700,uid=%lld,gid=%lld,size=%lld,nr_inodes=%lld", owner, group,
+             l->work_bytes, l->inodes);
+    snprintf(shm, sizeof(shm), "mode=1777,size=%lld,nr_inodes=1024", l->shm_bytes);
     for (;;) {
         char msg[64];
         int fds[4], nfd;
@@ -357,8 +408,9 @@ int sbx_serve(int sock, double timeout, const struct sbx_limits *l, char **reads
             close_all(fds, nfd);
             continue;
         }
-        if (unshare(CLONE_NEWPID) != 0) {
-            reply_error(sock, "unshare(CLONE_NEWPID)");
+        if (fresh_tmpfs("/tmp", MS_NOSUID | MS_NODEV, work) != 0 ||
+            fresh_tmpfs("/dev/shm", MS_NOSUID | MS_NODEV | MS_NOEXEC, shm) != 0) {
+            reply_error(sock, "mount(tmpfs)");
             close_all(fds, nfd);
             continue;
         }
@@ -368,7 +420,6 @@ int sbx_serve(int sock, double timeout, const struct sbx_limits *l, char **reads
             return 1;
         }
         int err = errno;
-        setns(own_pidns, CLONE_NEWPID);
         close_all(fds, nfd);
         if (pid < 0) {
             errno = err;

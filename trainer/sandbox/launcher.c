@@ -117,7 +117,7 @@ static void run_child(const struct options *o, pid_t supervisor, char **program)
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) die("prctl(PR_SET_PDEATHSIG)");
     if (getppid() != supervisor) _exit(126); /* the supervisor died before PDEATHSIG was armed */
 
-    apply_seccomp(o->uid < 0 && abi < 6);
+    apply_seccomp(o->uid < 0 && abi < 6, SBX_FILTER_ALL);
     execv(program[0], program);
     int err = errno;
     fprintf(stderr, "sodkern-sandbox: exec %s: %s\n", program[0], strerror(err));

@@ -226,9 +226,10 @@ class LocalSandbox(ThreadedRunner):
         with self._server_lock:
             self._serial += 1
             name = f"{os.getpid()}-{id(self):x}-{self._serial}"
-        # the cgroup also holds the fork's share of the server's pages it touches: a little headroom
-        group = cgroups.create(name, (self.memory_mb + self.max_workdir_mb + self.max_shm_mb) << 20,
-                               self.max_processes)  # fmt: skip
+        # the server itself is in the slot's cgroups (one more task; the pages it copies after joining, and the
+        # snippet's tmpfs work dir and /dev/shm, on top of the snippet's memory)
+        group = cgroups.create(name, (self.memory_mb + self.max_workdir_mb + self.max_shm_mb + 32) << 20,
+                               self.max_processes + 1)  # fmt: skip
         try:
             server = ForkServer(sys.executable, self._server_config(), group)
         except BaseException:
