@@ -1,10 +1,10 @@
 """The fork server: one per sandbox slot, Python and common modules imported once, one fork per snippet.
 
 Run by server.py as ``python -I -S forkserver.py CONFIG_JSON`` (standard library only: it runs apart from the
-sodkern package). It imports the preload modules, locks itself into a new root as PID 1 of its own namespaces
-(``sbx_server_setup`` in jail.c: private mount, network, IPC and PID namespaces, read-only binds of the allowed
-paths only, the slot's cgroups, a seccomp filter; the process that started waits outside) and answers requests
-on the socket ``config["fd"]``:
+sodkern package). It becomes PID 1 of its own mount, network, IPC and PID namespaces (``sbx_split`` in jail.c; the
+process that started waits outside), imports the preload modules, locks itself into a new root
+(``sbx_server_setup``: read-only binds of the allowed paths only, the slot's cgroups, a seccomp filter) and answers
+requests on the socket ``config["fd"]``:
 
 request: ``run`` with descriptors [code, stdout, stderr(, stdin)] (the code as a UTF-8 file); reply:
 ``{"status": wait status, "cpu": seconds, "reason": "timeout" | "killed" | null}``. A message ``kill``
@@ -57,19 +57,23 @@ def main():
     config = json.loads(sys.argv[1])
     sys.path[:] = [p for p in sys.path if p and os.path.realpath(p) != os.path.dirname(os.path.realpath(__file__))]
     sys.path.extend(config["site_dirs"])
+    lib = ctypes.PyDLL(config["lib"], use_errno=True)  # keeps the GIL: held across the fork
+    # From here on this process is PID 1 of its own namespaces (the one that ran until now waits outside).
+    outer_pid = ctypes.c_longlong()
+    if lib.sbx_split(int(config["unprivileged"]), ctypes.byref(outer_pid)) != 0:
+        sys.exit(2)
     for name in config["preload"]:
         with contextlib.suppress(Exception):  # an optional module that does not import here: the snippet sees
             __import__(name)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_NAME, b"sodkern-sbx-srv", 0, 0, 0)  # how ps and perf show it
-    lib = ctypes.PyDLL(config["lib"], use_errno=True)  # keeps the GIL: held across the fork
     sock = socket.socket(fileno=config["fd"])
     reads = config["reads"]
     limits = Limits()
     for key, value in config["limits"].items():
         setattr(limits, "as_" if key == "as" else key, value)
     if config["uid_base"] is not None:  # a uid of its own: no file and no other live snippet has it
-        limits.uid = limits.gid = config["uid_base"] + os.getpid()
+        limits.uid = limits.gid = config["uid_base"] + outer_pid.value
     limits.as_ = vm_size() + config["limits"]["as"]  # RLIMIT_AS on top of what the fork already maps
     c_reads = c_strings([*reads, "/proc", "/dev"])
     cgroups = config["cgroup_fds"]
@@ -78,10 +82,8 @@ def main():
     sys.stderr.reconfigure(write_through=True)
     gc.collect()
     gc.freeze()  # the forks' collector never walks (and so never copies) the server's imported objects
-    # From here on this process is PID 1 of its own namespaces (the one that ran until now waits outside).
-    outer_pid = ctypes.c_longlong()
     setup = lib.sbx_server_setup(c_strings(reads), len(reads), int(config["unprivileged"]),
-                                 (ctypes.c_int * 4)(*cgroups), len(cgroups), ctypes.byref(outer_pid))  # fmt: skip
+                                 (ctypes.c_int * 4)(*cgroups), len(cgroups))  # fmt: skip
     if setup != 0:
         sys.exit(2)
     sock.send(json.dumps({"ready": True, "pid": outer_pid.value}).encode())

@@ -1,10 +1,12 @@
 /*
  * libsodkern-sandbox: the isolation of the fork server (forkserver.py), called through ctypes.
  *
- * sbx_server_setup (once per server, i.e. per slot, after its modules are imported): new mount, network,
- * IPC and PID namespaces (plus a user namespace mapping the caller to root when it is not root).  The
- * calling process forks: it stays outside, waits for the server and exits with its status (it never
- * returns); the child, PID 1 of the new PID namespace, is the server from then on.  It gets a new root file
+ * sbx_split (once per server, i.e. per slot, before its modules are imported): new mount, network, IPC and
+ * PID namespaces (plus a user namespace mapping the caller to root when it is not root).  The calling
+ * process forks: it stays outside, waits for the server and exits with its status (it never returns); the
+ * child, PID 1 of the new PID namespace, is the server from then on.
+ *
+ * sbx_server_setup (once per server, after its modules are imported): a new root file
  * system (a read-only tmpfs holding read-only, non-recursive bind mounts of the given paths only, a minimal
  * /dev (null, zero, full, random, urandom), mount points /tmp and /dev/shm), pivot_root into it and detach
  * the old root; its own /proc (hidepid=2: a snippet sees its own processes only, the server is not
@@ -126,10 +128,13 @@ static int map_user(unsigned uid, unsigned gid) {
     return 0;
 }
 
-/* The calling process splits in two: the caller waits for the server (the child, PID 1 of the new PID
- * namespace) and exits with its status, never returning; the child returns 0 and reads its pid as the
- * parent namespace sees it into *outer_pid. */
-static int split(int flags, int unprivileged, long long *outer_pid) {
+/* New mount, network, IPC and PID namespaces (and a user namespace where unprivileged); the calling process
+ * splits in two: the caller waits for the server (the child, PID 1 of the new PID namespace) and exits with
+ * its status, never returning; the child returns 0 with its pid as the parent namespace sees it in
+ * *outer_pid.  Called before the server imports anything, so that the pages and mappings of the imports
+ * are the server's own, not shared with the waiter (each fork's cost grows with that sharing). */
+int sbx_split(int unprivileged, long long *outer_pid) {
+    int flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWPID | (unprivileged ? CLONE_NEWUSER : 0);
     unsigned uid = getuid(), gid = getgid();
     if (unshare(flags) != 0) return setup_error("unshare(mount, net, IPC, PID namespaces)");
     if (unprivileged && map_user(uid, gid) != 0) return -1;
@@ -154,13 +159,10 @@ static int split(int flags, int unprivileged, long long *outer_pid) {
     return 0;
 }
 
-int sbx_server_setup(char **paths, int npath, int unprivileged, const int *cgroup_fds, int ncgroup,
-                     long long *outer_pid) {
+int sbx_server_setup(char **paths, int npath, int unprivileged, const int *cgroup_fds, int ncgroup) {
     static const char *devices[] = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"};
     enum { NDEV = sizeof(devices) / sizeof(devices[0]) };
     if (npath > MAX_PATHS) return errno = E2BIG, setup_error("too many read paths");
-    int flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWPID | (unprivileged ? CLONE_NEWUSER : 0);
-    if (split(flags, unprivileged, outer_pid) != 0) return -1;
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) return setup_error("mount(/, MS_PRIVATE)");
     int fds[MAX_PATHS + NDEV];
     int n = 0;
@@ -324,6 +326,7 @@ static void enter_child(int *fds, int nfd, const struct sbx_limits *l, char **re
 /* Every process of the namespace but the server (PID 1), i.e. whatever the snippet left running: killed and
  * reaped (orphans are re-parented to PID 1, so "no child left" means none left). */
 static void kill_leftovers(void) {
+    if (waitpid(-1, NULL, WNOHANG | __WALL) < 0 && errno == ECHILD) return; /* the usual case: none */
     for (;;) {
         kill(-1, SIGKILL);
         if (waitpid(-1, NULL, __WALL) < 0 && errno == ECHILD) return;
