@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import selectors
+import select
 import socket
 import subprocess
 import time
@@ -106,43 +106,46 @@ class ForkServer:
     def _collect(self, out_r: int, err_r: int, keep: int, hard_cap: int, deadline: float) -> Outcome:
         streams = {out_r: bytearray(), err_r: bytearray()}
         totals = dict.fromkeys(streams, 0)
-        sel = selectors.DefaultSelector()
-        for fd in streams:
-            sel.register(fd, selectors.EVENT_READ)
-        sel.register(self.sock, selectors.EVENT_READ)
+        poller = select.poll()  # no descriptor of its own to make and close per snippet (unlike epoll)
+        sock = self.sock.fileno()
+        for fd in (out_r, err_r, sock):
+            poller.register(fd, select.POLLIN)
+        watched = 3
         reply, reason, error = None, None, None
         drain_until = 0.0
         try:
-            while reply is None or (len(sel.get_map()) > 0 and time.monotonic() < drain_until):
+            while reply is None or (watched > 0 and time.monotonic() < drain_until):
                 remaining = deadline - time.monotonic()
                 if reply is None and remaining <= 0:
                     error = "fork server did not answer in time"
                     break
-                for key, _ in sel.select(remaining if reply is None else max(0.0, drain_until - time.monotonic())):
-                    if key.fileobj is self.sock:
+                wait = remaining if reply is None else max(0.0, drain_until - time.monotonic())
+                for fd, _ in poller.poll(wait * 1000):
+                    if fd == sock:
                         data = self.sock.recv(1 << 12)
-                        sel.unregister(self.sock)
+                        poller.unregister(sock)
+                        watched -= 1
                         if not data:
                             error = "fork server exited"
                             break
                         reply = json.loads(data)
                         drain_until = time.monotonic() + _DRAIN_S
                         continue
-                    chunk = os.read(key.fd, 1 << 16)
+                    chunk = os.read(fd, 1 << 16)
                     if not chunk:
-                        sel.unregister(key.fd)
+                        poller.unregister(fd)
+                        watched -= 1
                         continue
-                    totals[key.fd] += len(chunk)
-                    room = keep - len(streams[key.fd])
+                    totals[fd] += len(chunk)
+                    room = keep - len(streams[fd])
                     if room > 0:
-                        streams[key.fd] += chunk[:room]
+                        streams[fd] += chunk[:room]
                     if reason is None and sum(totals.values()) > hard_cap:
                         reason = "output"
                         self.sock.send(b"kill")
                 if error is not None:
                     break
         finally:
-            sel.close()
             os.close(out_r)
             os.close(err_r)
         if error is not None or "error" in (reply or {}):
