@@ -3,24 +3,27 @@
     python bench/sandbox_bench.py                       # 400 snippets x 5 rounds per launcher
     python bench/sandbox_bench.py --snippets 100 --rounds 2 --out /tmp/sbx
 
-Launchers: the fork server (the default LocalSandbox), the per-interpreter native launcher
-(``fork_server=False``, the path before the fork server), the weak pure-Python launcher (``allow_weak=True``)
-and, when ``--fusion-url`` (or $SANDBOX_FUSION_URL) points at a running SandboxFusion server, that server.
-Each round runs ``--snippets`` snippets ``print(i)`` and checks every output; the table gives the best and the
-median round, the ratio of the median to the per-interpreter launcher's, the peak resident memory of the
-fork servers and the load average when the run started (the machine may be shared: say so when quoting). A
-last row is the floor of any fork-per-snippet design on this machine: bare fork + exit of a process that
-imported the same modules, as many such processes as workers. CPU ms/snippet: user + system time of the
-caller, its waited children and the fork servers with their snippets, per snippet (kernel work deferred to
-kernel threads, e.g. namespace teardown, is not in it); the CPU ceiling is the CPU count divided by it: the
-rate the same work would reach on that many idle CPUs, which a shared, loaded machine cannot show directly.
-Results: ``<out>/sandbox_bench.{md,json,png}``.
+Launchers: the fork server (the default LocalSandbox; a second row runs ``import numpy`` snippets, which go to its
+servers that preload numpy), the per-interpreter native launcher (``fork_server=False``,
+the path before the fork server), the weak pure-Python launcher (``allow_weak=True``) and, when ``--fusion-url``
+(or $SANDBOX_FUSION_URL) points at a running SandboxFusion server, that server. Each round runs ``--snippets``
+snippets ``print(i)`` and checks every output; rounds are interleaved across the launchers (a shared host's speed
+drifts by a factor of two within minutes: every launcher sees the same drift); the table gives the best and the
+median round, the ratio of the median to the per-interpreter launcher's, the peak resident memory of the fork
+servers and the load average when the run started (the machine may be shared: say so when quoting). A last row is
+the floor of any fork-per-snippet design on this machine: bare fork + exit of a process that imported the same
+modules, as many such processes as workers. CPU ms/snippet: user + system time of the caller, its waited children
+and the fork servers with their snippets, per snippet (kernel work deferred to kernel threads, e.g. namespace
+teardown, is not in it); the CPU ceiling is the CPU count divided by it: the rate the same work would reach on
+that many idle CPUs, which a shared, loaded machine cannot show directly. Results:
+``<out>/sandbox_bench.{md,json,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -35,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def _peak_rss_mb(sandbox: LocalSandbox) -> float | None:
-    servers = list(sandbox._servers.queue) if sandbox.fork_server else []
+    servers = [s for idle in sandbox._servers.values() for s in idle.queue] if sandbox.fork_server else []
     total = 0
     for server in servers:
         try:
@@ -51,47 +54,63 @@ def _cpu_seconds(runner) -> float:
     their snippets (as of now): user + system."""
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     total = me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
-    for server in list(runner._servers.queue) if getattr(runner, "fork_server", False) else []:
+    servers = runner._servers.values() if getattr(runner, "fork_server", False) else []
+    for server in [s for idle in servers for s in idle.queue]:
         with open(f"/proc/{server.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
     return total
 
 
-def measure(name: str, make, snippets: int, rounds: int) -> dict:
-    """Rounds of ``snippets`` trivial snippets through ``run_many``; snippets/s per round and the checks."""
-    row: dict = {"launcher": name}
+def measure(launchers: dict, snippets: int, rounds: int) -> list[dict]:
+    """Rounds of ``snippets`` trivial snippets through ``run_many`` on every launcher, interleaved (round 1 of
+    each, then round 2 of each, ...) so that a machine whose speed drifts (a shared host) drifts for all of
+    them alike; snippets/s per round and the checks."""
+    rows, runners, codes = [], {}, {}
+    for name, (make, template) in launchers.items():
+        codes[name] = [template.format(i=i) for i in range(snippets)]
+        try:
+            runners[name] = make()
+            rows.append({"launcher": name, "rates": [], "cpu": [], "wrong": 0})
+        except Exception as exc:  # noqa: BLE001 (a launcher not usable here is a row with its reason)
+            rows.append({"launcher": name, "status": f"{type(exc).__name__}: {exc}"})
     try:
-        runner = make()
-    except Exception as exc:  # noqa: BLE001 (a launcher not usable here is a row with its reason)
-        return {**row, "status": f"{type(exc).__name__}: {exc}"}
-    try:
-        codes = [f"print({i})" for i in range(snippets)]
-        runner.run_many(codes[: 2 * runner.workers])  # start every slot
-        rates, cpu_ms, wrong = [], [], 0
+        for name, runner in runners.items():
+            runner.run_many(codes[name][: 2 * runner.workers])  # start every slot
         for _ in range(rounds):
-            cpu, start = _cpu_seconds(runner), time.perf_counter()
-            results = runner.run_many(codes)
-            rates.append(snippets / (time.perf_counter() - start))
-            cpu_ms.append((_cpu_seconds(runner) - cpu) * 1000 / snippets)
-            wrong += sum(r.stdout != f"{i}\n" for i, r in enumerate(results))
-        row.update(
-            status="ok" if wrong == 0 else f"{wrong} wrong outputs",
-            workers=runner.workers,
-            best=max(rates),
-            median=statistics.median(rates),
-            rounds=[round(r, 1) for r in rates],
-            cpu_ms=statistics.median(cpu_ms),
-            ceiling=(os.cpu_count() or 1) * 1000 / statistics.median(cpu_ms),
-            peak_rss_mb=_peak_rss_mb(runner) if isinstance(runner, LocalSandbox) else None,
-        )
+            for row in rows:
+                if row["launcher"] not in runners:
+                    continue
+                runner = runners[row["launcher"]]
+                gc.collect()  # the caller's garbage of the last round is not this round's cost
+                cpu, start = _cpu_seconds(runner), time.perf_counter()
+                results = runner.run_many(codes[row["launcher"]])
+                row["rates"].append(snippets / (time.perf_counter() - start))
+                row["cpu"].append((_cpu_seconds(runner) - cpu) * 1000 / snippets)
+                row["wrong"] += sum(r.stdout != f"{i}\n" for i, r in enumerate(results))
+        for row in rows:
+            if row["launcher"] not in runners:
+                continue
+            runner, rates, cpu_ms, wrong = runners[row["launcher"]], row.pop("rates"), row.pop("cpu"), row.pop("wrong")
+            row.update(
+                status="ok" if wrong == 0 else f"{wrong} wrong outputs",
+                workers=runner.workers,
+                best=max(rates),
+                median=statistics.median(rates),
+                rounds=[round(r, 1) for r in rates],
+                cpu_ms=statistics.median(cpu_ms),
+                ceiling=(os.cpu_count() or 1) * 1000 / statistics.median(cpu_ms),
+                peak_rss_mb=_peak_rss_mb(runner) if isinstance(runner, LocalSandbox) else None,
+            )
     finally:
-        runner.close()
-    return row
+        for runner in runners.values():
+            runner.close()
+    return rows
 
 
 FORK_FLOOR = """
-import gc, os, resource, sys, time
+import ctypes, gc, os, resource, sys, time
+fork = ctypes.PyDLL(None).fork  # libc's fork, as the fork server's loop uses (no Python after-fork hooks)
 for name in sys.argv[2:]:
     try:
         __import__(name)
@@ -103,7 +122,7 @@ def cpu():
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 n = int(sys.argv[1]); start, used = time.perf_counter(), cpu()
 for _ in range(n):
-    pid = os.fork()
+    pid = fork()
     if pid == 0:
         os._exit(0)
     os.waitpid(pid, 0)
@@ -203,13 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     common = {"timeout": 10, "workers": args.workers}
+    trivial, numpy = "print({i})", "import numpy\nprint({i})"
     launchers = {
-        "fork server": lambda: LocalSandbox(**common),
-        "per-interpreter": lambda: LocalSandbox(fork_server=False, **common),
-        "python fallback": lambda: LocalSandbox(native=False, allow_weak=True, **common),
+        "fork server": (lambda: LocalSandbox(**common), trivial),
+        "fork server, numpy snippets": (lambda: LocalSandbox(**common), numpy),
+        "per-interpreter": (lambda: LocalSandbox(fork_server=False, **common), trivial),
+        "python fallback": (lambda: LocalSandbox(native=False, allow_weak=True, **common), trivial),
     }
     if args.fusion_url:
-        launchers["SandboxFusion"] = lambda: SandboxFusionClient(args.fusion_url, workers=args.workers)
+        launchers["SandboxFusion"] = (lambda: SandboxFusionClient(args.fusion_url, workers=args.workers), trivial)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": os.cpu_count(),
@@ -218,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "snippets": args.snippets,
         "rounds": args.rounds,
     }
-    rows = [measure(name, make, args.snippets, args.rounds) for name, make in launchers.items()]
+    rows = measure(launchers, args.snippets, args.rounds)
     rows.append(fork_floor(args.snippets, args.rounds, next((r["workers"] for r in rows if "workers" in r), 4)))
     if not args.fusion_url:
         rows.append({"launcher": "SandboxFusion", "status": "not measured: no server (--fusion-url)"})

@@ -310,7 +310,7 @@ def test_deep_directory_chain(sandbox):
 
 def test_memory_counts_all_processes_and_shared_memory():
     with LocalSandbox(timeout=8, cpu_seconds=6, memory_mb=256, max_shm_mb=8, max_workdir_mb=8, workers=1) as sb:
-        server = sb._servers.queue[0]
+        server = sb._servers[False].queue[0]
         memory_dir = next((p for p in server.cgroup.paths if "/memory" in p), None)
         if memory_dir is None:
             pytest.skip("no memory cgroup here")

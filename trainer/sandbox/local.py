@@ -72,27 +72,32 @@ ALLOW_WEAK_ENV = "SODKERN_SANDBOX_ALLOW_WEAK"
 PRELOAD = (
     "math", "re", "json", "itertools", "collections", "functools", "fractions", "decimal", "random",
     "statistics", "heapq", "bisect", "string", "datetime", "typing", "dataclasses", "traceback", "io",
-    "threading", "numpy",
+    "threading",
 )  # fmt: skip
+# Imported only by the fork servers that run snippets naming them. A fork copies the server's page tables
+# and a snippet's exit tears its copy down: numpy's pages and mappings (twice the rest) cost every snippet
+# on a server that has it ~0.5 ms of CPU here, a quarter of a trivial snippet, while a snippet that uses numpy
+# on a server without it would spend ~100 ms importing it. So there are two kinds of servers.
+PRELOAD_IF_NAMED = ("numpy",)
 
 
 class LocalSandbox(ThreadedRunner):
     """Runs Python snippets in isolated processes on this machine; never raises for what a snippet does.
 
-    timeout: wall-clock seconds per snippet. cpu_seconds: RLIMIT_CPU. memory_mb: the snippet's memory: the
-    slot's cgroup limit (all its processes, its tmpfs work dir, /dev/shm and memfds) where cgroups can be
-    made, and RLIMIT_AS on top of what the fork server already maps. max_output_chars: kept per stream
-    (stdout, stderr); a snippet that writes 64x that much is stopped. max_processes: processes and threads
-    per snippet (its pids cgroup and RLIMIT_NPROC of its own uid; without a uid of its own RLIMIT_NPROC
-    counts the user's tasks, so it is ``max_processes * workers`` plus those). max_file_mb: RLIMIT_FSIZE.
-    max_workdir_mb, max_shm_mb: sizes of the work dir (/tmp) and /dev/shm tmpfs. workers: slots of
-    ``run_many`` (default: twice the CPU count, at most 64). fork_server: pre-started servers (True) or a
-    new interpreter per snippet (False). native: the native launcher (True/None) or the weak Python one
-    (False; SODKERN_SANDBOX_NATIVE=0). allow_weak: permit the weak Python launcher (None: the
-    SODKERN_SANDBOX_ALLOW_WEAK=1 environment variable); without it, a missing launcher raises
-    SandboxUnavailable. user: who runs snippets on the per-interpreter path when the trainer is root.
-    preload: modules each fork server imports once. user_namespace: fork servers in a user namespace (None:
-    when the trainer is not root; True as root runs the non-root path, e.g. to test it).
+    timeout: wall-clock seconds per snippet. cpu_seconds: RLIMIT_CPU. memory_mb: the snippet's memory: the slot's
+    cgroup limit (all its processes, its tmpfs work dir, /dev/shm and memfds) where cgroups can be made, and
+    RLIMIT_AS on top of what the fork server already maps. max_output_chars: kept per stream (stdout, stderr); a
+    snippet that writes 64x that much is stopped. max_processes: processes and threads per snippet (its pids
+    cgroup and RLIMIT_NPROC of its own uid; without a uid of its own RLIMIT_NPROC counts the user's tasks, so it
+    is ``max_processes * workers`` plus those). max_file_mb: RLIMIT_FSIZE. max_workdir_mb, max_shm_mb: sizes of
+    the work dir (/tmp) and /dev/shm tmpfs. workers: slots of ``run_many`` (default: twice the CPU count, at most
+    64). fork_server: pre-started servers (True) or a new interpreter per snippet (False). native: the native
+    launcher (True/None) or the weak Python one (False; SODKERN_SANDBOX_NATIVE=0). allow_weak: permit the weak
+    Python launcher (None: the SODKERN_SANDBOX_ALLOW_WEAK=1 environment variable); without it, a missing launcher
+    raises SandboxUnavailable. user: who runs snippets on the per-interpreter path when the trainer is root.
+    preload: modules each fork server imports once. preload_if_named: modules imported only by the fork servers
+    that run snippets whose source names one of them (a second pool of servers). user_namespace: fork servers in a
+    user namespace (None: when the trainer is not root; True as root runs the non-root path, e.g. to test it).
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class LocalSandbox(ThreadedRunner):
         allow_weak: bool | None = None,
         user: str | int | None = "nobody",
         preload: tuple[str, ...] = PRELOAD,
+        preload_if_named: tuple[str, ...] = PRELOAD_IF_NAMED,
         user_namespace: bool | None = None,
     ) -> None:
         self.timeout = float(timeout)
@@ -124,9 +130,11 @@ class LocalSandbox(ThreadedRunner):
         self.max_shm_mb = int(max_shm_mb)
         self.workers = workers or min(64, 2 * (os.cpu_count() or 1))
         self.preload = tuple(preload)
+        self.preload_if_named = tuple(preload_if_named)
         self.user_namespace = os.geteuid() != 0 if user_namespace is None else bool(user_namespace)
         self._init_pool()
-        self._servers: queue.LifoQueue[ForkServer] = queue.LifoQueue()
+        # idle servers by kind: False, the preload modules; True, also preload_if_named
+        self._servers: dict[bool, queue.LifoQueue[ForkServer]] = {False: queue.LifoQueue(), True: queue.LifoQueue()}
         self._stop_servers = weakref.finalize(self, _close_servers, self._servers)  # close() or collection
         self._nservers = 0
         self._slots = threading.Semaphore(self.workers)
@@ -201,7 +209,7 @@ class LocalSandbox(ThreadedRunner):
                 "write wherever that user can (run the trainer as root to have them run as nobody).",
             )
 
-    def _server_config(self) -> dict:
+    def _server_config(self, heavy: bool) -> dict:
         root = not self.user_namespace
         limits = {
             "uid": -1, "gid": -1,
@@ -213,7 +221,7 @@ class LocalSandbox(ThreadedRunner):
         return {
             "lib": self.jail,
             "site_dirs": site_dirs(),
-            "preload": list(self.preload),
+            "preload": [*self.preload, *(self.preload_if_named if heavy else ())],
             "reads": server_reads(),
             "unprivileged": not root,
             "uid_base": UID_BASE if root else None,
@@ -222,7 +230,7 @@ class LocalSandbox(ThreadedRunner):
             "timeout": self.timeout,
         }
 
-    def _start_server(self) -> ForkServer:
+    def _start_server(self, heavy: bool) -> ForkServer:
         with self._server_lock:
             self._serial += 1
             name = f"{os.getpid()}-{id(self):x}-{self._serial}"
@@ -231,29 +239,30 @@ class LocalSandbox(ThreadedRunner):
         group = cgroups.create(name, (self.memory_mb + self.max_workdir_mb + self.max_shm_mb + 32) << 20,
                                self.max_processes + 1)  # fmt: skip
         try:
-            server = ForkServer(sys.executable, self._server_config(), group)
+            server = ForkServer(sys.executable, self._server_config(heavy), group)
         except BaseException:
             group.close()
             raise
+        server.heavy = heavy
         with self._server_lock:
             self._nservers += 1
         return server
 
-    def _acquire_server(self) -> ForkServer:
+    def _acquire_server(self, heavy: bool = False) -> ForkServer:
         self._slots.acquire()
         try:
-            return self._servers.get_nowait()
+            return self._servers[heavy].get_nowait()
         except queue.Empty:
             pass
         try:
-            return self._start_server()
+            return self._start_server(heavy)
         except BaseException:
             self._slots.release()
             raise
 
     def _release_server(self, server: ForkServer) -> None:
         if server.alive:
-            self._servers.put(server)
+            self._servers[server.heavy].put(server)
         else:
             server.close()
             with self._server_lock:
@@ -328,7 +337,7 @@ class LocalSandbox(ThreadedRunner):
 
     def _run_forked(self, code: str, stdin: str | None) -> ExecResult:
         keep, hard_cap = self._limits()
-        server = self._acquire_server()
+        server = self._acquire_server(any(name in code for name in self.preload_if_named))
         try:
             start = time.monotonic()
             outcome = server.run(code, stdin, keep=keep, hard_cap=hard_cap, deadline=start + self.timeout + 10)
@@ -472,12 +481,13 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _close_servers(servers: queue.Queue) -> None:
-    while True:
-        try:
-            servers.get_nowait().close()
-        except queue.Empty:
-            return
+def _close_servers(servers: dict[bool, queue.Queue]) -> None:
+    for idle in servers.values():
+        while True:
+            try:
+                idle.get_nowait().close()
+            except queue.Empty:
+                break
 
 
 def _close_fds(fds: list[int]) -> None:

@@ -51,6 +51,7 @@ class ForkServer:
 
     def __init__(self, python: str, config: dict, cgroup: cgroups.SlotCgroup) -> None:
         self.cgroup = cgroup
+        self.heavy = False  # which pool of LocalSandbox it belongs to (see PRELOAD_IF_NAMED)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = {**config, "fd": theirs.fileno(), "cgroup_fds": cgroup.fds}
         env = {**config.pop("env"), "HOME": WORKDIR, "TMPDIR": WORKDIR, "MPLCONFIGDIR": WORKDIR}  # the snippets'
