@@ -87,6 +87,21 @@ def test_user_namespace_path():
     assert result.stdout == "True False True\nProcessLookupError\nPermissionError\n", result
 
 
+def test_numpy_snippets_go_to_servers_that_preloaded_it(sandbox):
+    """Snippets naming numpy run on servers that imported it; the others on servers without it (cheaper forks)."""
+    lean = sandbox.run("import sys\nprint(any(m.startswith('nump' + 'y') for m in sys.modules))")
+    heavy = sandbox.run("import sys\nprint('numpy' in sys.modules)")
+    assert (lean.stdout, heavy.stdout) == ("False\n", "True\n"), (lean, heavy)
+
+
+def test_every_snippet_has_fresh_random_state(sandbox):
+    """Forks of one server start from copies of its memory: random and numpy's global generator are reseeded."""
+    results = sandbox.run_many(["import random, numpy\nprint(random.random(), numpy.random.rand())"] * 6)
+    draws = [r.stdout.split() for r in results]
+    assert all(r.ok for r in results) and all(len(d) == 2 for d in draws), results
+    assert len({d[0] for d in draws}) == 6 and len({d[1] for d in draws}) == 6, draws
+
+
 def test_per_process_launcher_still_works():
     with LocalSandbox(timeout=5, fork_server=False, workers=2) as old:
         assert not old.fork_server and old.launcher is not None
