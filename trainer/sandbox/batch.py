@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,7 +32,16 @@ class ThreadedRunner:
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=self._thread_prefix)
-        return list(self._pool.map(self.run, codes, stdins))
+        results: list[ExecResult | None] = [None] * len(codes)
+        order = itertools.count()  # next() on it is atomic: each snippet is taken by exactly one worker
+
+        def work() -> None:  # one task per worker for the whole batch, not one future per snippet
+            while (i := next(order)) < len(codes):
+                results[i] = self.run(codes[i], stdins[i])
+
+        for task in [self._pool.submit(work) for _ in range(min(self.workers, len(codes)))]:
+            task.result()
+        return results  # type: ignore[return-value]
 
     def _close_pool(self) -> None:
         if self._pool is not None:
