@@ -16,11 +16,11 @@
  *
  * sbx_serve (the server's loop, in C so that the server runs no Python between snippets and touches few of
  * its pages while a fork shares them): per request, a fresh size-limited tmpfs on /tmp (owned by the
- * snippet's user; its work dir lives there) and on /dev/shm, a fork (libc's), and in the server the
- * supervision (wall-clock limit, "kill" from the caller); when the snippet's process has ended, every
- * process left in the namespace is killed and reaped, then the reply goes out.  The child sets up its std
- * streams, enters its isolation (sbx_enter), writes main.py into the work dir and returns into Python,
- * which runs it.
+ * snippet's user; its work dir lives there) and on /dev/shm (unless the last snippet left it empty), a fork
+ * (libc's), and in the server the supervision (wall-clock limit, "kill" from the caller); when the snippet's
+ * process has ended, every process left in the namespace is killed and reaped, then the reply goes out.  The
+ * child sets up its std streams, enters its isolation (sbx_enter), writes main.py into the work dir and
+ * returns into Python, which runs it.
  *
  * sbx_enter (in the child): a session of its own; rlimits; PR_SET_NO_NEW_PRIVS; Landlock (writes only to
  * /tmp, /dev/shm, /dev/null; reads only to the given paths); the user switch to the snippet's own uid (or,
@@ -32,6 +32,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <limits.h>
+#include <linux/magic.h>
 #include <poll.h>
 #include <linux/capability.h>
 #include <sched.h>
@@ -44,6 +45,7 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -383,6 +385,13 @@ static int fresh_tmpfs(const char *path, unsigned long flags, const char *option
     return mount("tmpfs", path, "tmpfs", flags, options);
 }
 
+/* Whether the tmpfs on `path` holds nothing but its root directory (owned by root, mode 1777: a snippet
+ * cannot change it), i.e. the last snippet left nothing there: most never touch /dev/shm. */
+static int tmpfs_empty(const char *path) {
+    struct statfs fs;
+    return statfs(path, &fs) == 0 && fs.f_type == TMPFS_MAGIC && fs.f_files - fs.f_ffree <= 1;
+}
+
 int sbx_serve(int sock, double timeout, const struct sbx_limits *l, char **reads, int nread) {
     if (getpid() != 1) { /* kill(-1) below must only ever reach the server's own namespace */
         fprintf(stderr, "sodkern-sandbox: sbx_serve outside the server's PID namespace\n");
@@ -412,7 +421,7 @@ int sbx_serve(int sock, double timeout, const struct sbx_limits *l, char **reads
             continue;
         }
         if (fresh_tmpfs("/tmp", MS_NOSUID | MS_NODEV, work) != 0 ||
-            fresh_tmpfs("/dev/shm", MS_NOSUID | MS_NODEV | MS_NOEXEC, shm) != 0) {
+            (!tmpfs_empty("/dev/shm") && fresh_tmpfs("/dev/shm", MS_NOSUID | MS_NODEV | MS_NOEXEC, shm) != 0)) {
             reply_error(sock, "mount(tmpfs)");
             close_all(fds, nfd);
             continue;
