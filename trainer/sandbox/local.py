@@ -70,15 +70,15 @@ def _warn_once(key: str, message: str) -> None:
 ALLOW_WEAK_ENV = "SODKERN_SANDBOX_ALLOW_WEAK"
 # imported once per fork server, so that snippets using them start at once (missing ones are skipped)
 PRELOAD = (
-    "math", "re", "json", "itertools", "collections", "functools", "fractions", "decimal", "random",
-    "statistics", "heapq", "bisect", "string", "datetime", "typing", "dataclasses", "traceback", "io",
-    "threading",
+    "math", "re", "json", "itertools", "collections", "functools", "random", "heapq", "bisect", "string",
+    "traceback", "io", "threading",
 )  # fmt: skip
-# Imported only by the fork servers that run snippets naming them. A fork copies the server's page tables
-# and a snippet's exit tears its copy down: numpy's pages and mappings (twice the rest) cost every snippet
-# on a server that has it ~0.5 ms of CPU here, a quarter of a trivial snippet, while a snippet that uses numpy
-# on a server without it would spend ~100 ms importing it. So there are two kinds of servers.
-PRELOAD_IF_NAMED = ("numpy",)
+# Imported only by the fork servers that run snippets naming one of them (those servers import PRELOAD too).
+# A fork copies the server's page tables and a snippet's exit tears its copy down: numpy's pages and mappings
+# (as many as all the rest) cost every snippet on a server that has it ~0.5 ms of CPU here, a quarter of a
+# trivial snippet, and the larger standard modules another ~0.3 ms, while a snippet that uses numpy on a
+# server without it would spend ~100 ms importing it. So there are two kinds of servers.
+PRELOAD_IF_NAMED = ("numpy", "fractions", "decimal", "statistics", "datetime", "typing", "dataclasses")
 
 
 class LocalSandbox(ThreadedRunner):
