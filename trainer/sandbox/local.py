@@ -1,14 +1,14 @@
 """Run untrusted Python snippets locally, each isolated from the host and from every other snippet.
 
 The default path is a pool of fork servers (forkserver.py, one per worker slot, isolation in jail.c through
-ctypes): Python and the common modules are imported once per slot, and each snippet is a fork of that server
-that becomes PID 1 of a new PID namespace (it sees, signals and traces no other process; when it exits, the
-kernel kills all it left) with private IPC and mount namespaces (a fresh /proc; a size-capped tmpfs /tmp as
-its work dir and /dev/shm; a read-only root holding only the system directories and the interpreter's
-install), no network namespace peer, a uid of its own (root trainer) or a user namespace (otherwise), a
-memory + pids cgroup per slot counting all its processes and shared memory where cgroups can be created, the
-rlimits, Landlock and the seccomp filter of isolation.c. A wall-clock timeout is enforced by the server, an
-output flood is stopped here.
+ctypes). Each server is PID 1 of its own PID, IPC, mount and network namespaces behind a read-only root holding
+only the system directories and the interpreter's install, in the slot's memory + pids cgroup where cgroups can
+be created, and imports Python's common modules once (numpy and the larger standard modules only on the
+servers that run snippets naming them, PRELOAD_IF_NAMED). Each snippet is a fork of its slot's server on a
+fresh size-capped tmpfs work dir (/tmp) and /dev/shm, with a uid of its own (root trainer) or in a user
+namespace (otherwise), rlimits, Landlock and its share of the seccomp filter of isolation.c; it sees, signals
+and traces no other process, and the server kills and reaps whatever it left before it answers. A wall-clock
+timeout is enforced by the server, an output flood is stopped here.
 
 ``fork_server=False`` starts a fresh interpreter per snippet through the native launcher ``sodkern-sandbox``
 (launcher.c: rlimits, user ``nobody``, Landlock, seccomp; no namespaces): the old path, slower and weaker
