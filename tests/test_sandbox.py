@@ -195,7 +195,7 @@ def test_fork_bomb(sandbox):
     result = sandbox.run(code)
     assert time.monotonic() - start < 15
     assert result.limit in ("timeout", "cpu", "nproc", "output", "memory") and not result.ok
-    assert snippet_pids() == []  # every process of it is gone
+    assert snippet_pids(sandbox) == []  # every process of it is gone
     assert sandbox.run("print('still fine')").stdout == "still fine\n"
 
 

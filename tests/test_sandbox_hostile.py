@@ -136,7 +136,7 @@ def test_batch_benign_with_hostile(sandbox):
         mixed_stdins.append(stdin)
     mixed = sandbox.run_many(mixed_codes, mixed_stdins)
     assert [mixed[i].stdout for i in where] == alone
-    assert snippet_pids() == []
+    assert snippet_pids(sandbox) == []
 
 
 # ---- IPC ---------------------------------------------------------------------------------------------------
@@ -332,7 +332,7 @@ def test_memory_counts_all_processes_and_shared_memory():
             with open(os.path.join(memory_dir, "memory.limit_in_bytes")) as f:
                 limit = int(f.read())
             assert peak <= limit < 3 * (250 << 20), (peak, limit)  # 750 MiB asked for, the cap held
-        assert snippet_pids() == []
+        assert snippet_pids(sb) == []
         assert result.stdout in ("", "done\n")
 
 
@@ -370,7 +370,7 @@ def test_daemons_do_not_survive(sandbox):
     )
     assert sandbox.run(code).stdout == "parent done\n"
     time.sleep(0.2)
-    assert snippet_pids() == []
+    assert snippet_pids(sandbox) == []
 
 
 # ---- display ------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import select
 import socket
@@ -22,6 +23,7 @@ from sodkern.trainer.sandbox import cgroups
 FORKSERVER = str(Path(__file__).with_name("forkserver.py"))
 JAIL_NAME = "libsodkern-sandbox-jail.so"
 WORKDIR = "/tmp/sodkern-sbx"  # a snippet's work dir, on its own tmpfs (forkserver.WORKDIR)
+logger = logging.getLogger(__name__)
 UID_BASE = 1_600_000_000  # snippet uid = UID_BASE + the server's pid: owns no file, unique among live servers
 _START_TIMEOUT_S = 120.0
 _DRAIN_S = 1.0
@@ -150,8 +152,9 @@ class ForkServer:
             os.close(out_r)
             os.close(err_r)
         if error is not None or "error" in (reply or {}):
-            self.close()
             error = error or reply["error"]
+            logger.warning("sandbox: %s; stopping that fork server (the next snippet starts another)", error)
+            self.close()
             return Outcome(bytes(streams[out_r]), bytes(streams[err_r]), (0, 0), None, 0.0, reason, error)
         server_reason = reply["reason"]
         reason = reason or ("timeout" if server_reason == "timeout" else None)
@@ -165,14 +168,22 @@ class ForkServer:
         )
 
     def close(self) -> None:
-        """Stop the server (end of file on its socket), then remove the slot's cgroup."""
+        """Stop the server (end of file on its socket: it kills what runs and exits), then remove the slot's
+        cgroup. A server that does not stop within 10 s is killed; either way this returns once the server,
+        PID 1 of its namespace and so the last of its processes to exit, is gone."""
         with contextlib.suppress(OSError):
             self.sock.close()
         try:
-            self.proc.wait(5)
+            self.proc.wait(10)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            server = None
+            with contextlib.suppress(OSError, AttributeError):
+                server = os.pidfd_open(self.pid)
+            self.proc.kill()  # the waiter outside; the server follows it (PR_SET_PDEATHSIG), then the rest
             self.proc.wait()
+            if server is not None:
+                select.select([server], [], [], 10)
+                os.close(server)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
         self.cgroup.close()
