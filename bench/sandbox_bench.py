@@ -172,6 +172,7 @@ def write_outputs(rows: list[dict], meta: dict, out: Path) -> str:
         "",
         f"{meta['date']}, {meta['cpus']} CPUs, load average at start {meta['load']}, {meta['platform']}",
         "",
+        *([meta["note"], ""] if meta.get("note") else []),
         "| launcher | workers | best snippets/s | median snippets/s | x per-interpreter | CPU ms/snippet "
         f"| CPU ceiling on {meta['cpus']} idle CPUs, snippets/s | servers RSS MiB | status |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="run_many slots (default: the sandbox's)")
     parser.add_argument("--fusion-url", default=os.environ.get("SANDBOX_FUSION_URL"), help="SandboxFusion URL")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "sandbox", help="output folder")
+    parser.add_argument("--note", default="", help="a line about the machine, printed under the table's title")
     args = parser.parse_args(argv)
 
     common = {"timeout": 10, "workers": args.workers}
@@ -238,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(),
         "snippets": args.snippets,
         "rounds": args.rounds,
+        "note": args.note,
     }
     rows = measure(launchers, args.snippets, args.rounds)
     rows.append(fork_floor(args.snippets, args.rounds, next((r["workers"] for r in rows if "workers" in r), 4)))
