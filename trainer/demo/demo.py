@@ -10,7 +10,7 @@ run, the rollout loop with the real code-interpreter sandbox, ``sodkern.trainer.
 1. data: the synthetic task of :mod:`sodkern.trainer.demo.task` (chained arithmetic that needs the code
    interpreter), written as SFT trajectories and verl-layout problem files; a tokenizer built in code.
 2. teacher: a Qwen3-architecture model from a config (random init), SFT on scripted correct trajectories.
-3. student: a smaller Qwen3 model, cold-started with a short SFT on a few trajectories.
+3. student: a smaller Qwen3 model, cold-started with a short SFT (1,000 trajectories, 300 steps).
 4. held-out evaluation (average@k, pass@k; the rollout loop, :func:`sodkern.trainer.eval.summarize`) of the
    teacher and the cold-start student.
 5. premise check: the cold-start student's own rollouts (before any RL) scored by the teacher: do SOD's step

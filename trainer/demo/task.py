@@ -1,23 +1,25 @@
-"""The demo's synthetic tool-integrated reasoning task: an iterated map that needs the code interpreter.
+"""The demo's synthetic tool-integrated reasoning task: one map, applied a few times with the code interpreter.
 
-A problem is ``Start at 37 and apply x*4+13 three times.``: a 2-digit start value and a map ``x*m+c`` or
-``x*m-c`` (m from 2 to 5, c 2-digit) applied two to four times. A model of demo size cannot multiply
-several-digit numbers in its head, but it can copy numbers into code, so the scripted solution does one
-application per tool call and carries each printed result into the next call::
+A problem is ``Start at 553 and apply x*2-63 mod 1001 four times.``: a 3-digit start value (a multiple of 7) and
+a count of applications (two to four) of the one map ``x -> (x*2-63) mod 1001``, the same for every problem. A
+model of demo size cannot do the arithmetic in its head, but it can copy a number into code, so the scripted
+solution makes one tool call per application, every call the same code but for the number it carries::
 
-    assistant: <tool_call>{"name": "code_interpreter", "arguments": {"code": "print(37*4+13)"}}</tool_call>
-    tool:      <tool_response>161</tool_response>
-    assistant: <tool_call>{... "print(161*4+13)"}</tool_call>
-    tool:      <tool_response>657</tool_response>
-    assistant: <tool_call>{... "print(657*4+13)"}</tool_call>
-    tool:      <tool_response>2641</tool_response>
-    assistant: The answer is \\boxed{2641}.
+    assistant: <tool_call>{"name": "code_interpreter", "arguments": {"code": "x=553;assert x%7==0;print(...)"}}
+               (the whole code: x=553;assert x%7==0;print((x*2-63)%1001))
+    tool:      <tool_response>42</tool_response>
+    assistant: <tool_call>{... "x=42;assert x%7==0;print((x*2-63)%1001)"}</tool_call>
+    tool:      <tool_response>21</tool_response>
+    ...
+    assistant: The answer is \\boxed{896} (x*2-63 mod 1001 applied four times).
 
-Each assistant turn is one SOD step. A wrong tool call (a mis-copied digit, a wrong count of applications)
-puts a wrong number in the context, and every later step that carries it forward is derailed: the
-error-cascade SOD is about. The final answer is checked by the math reward (math-verify on the last
-``\\boxed{}``). Every number a step needs is in the step just before it (the previous call and its output),
-which keeps the task learnable by models of a few hundred thousand parameters in a few minutes of CPU.
+Each assistant turn is one SOD step, and every call step is the same work: copy one number (from the question at
+step 1, from the previous tool output after) into the same checked call. The map keeps multiples of 7 (1001 = 7 *
+11 * 13), so a mis-copied value almost always fails its own ``assert`` and the tool answers with an
+``AssertionError`` traceback, a tool result the teacher never saw in its SFT data: the error-cascade SOD is
+about, made visible in the context (SOD's premise, measured by :mod:`sodkern.trainer.premise`; the designs tried
+are in ``bench/results/demo/premise_designs.md``). The final answer is checked by the math reward (math-verify
+on the last ``\\boxed{}``). The held-out split has its own start values (every fourth multiple of 7).
 """
 
 from __future__ import annotations
