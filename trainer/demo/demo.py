@@ -85,8 +85,8 @@ STUDENT = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, head_d
 PRESETS = {
     "default": Preset(),
     "quick": Preset(
-        teacher_sft_examples=2000,
-        teacher_sft_steps=300,
+        teacher_sft_examples=1000,
+        teacher_sft_steps=150,
         student_sft_examples=256,
         student_sft_steps=120,
         rl_prompts=4,
