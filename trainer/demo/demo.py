@@ -1,7 +1,7 @@
 """``sodkern demo``: the whole SOD story on a laptop CPU, in minutes, for real.
 
     sodkern demo --quick            # the smoke run (CI): every phase, small budgets
-    sodkern demo                    # the default run (the previous task took ~8 min on 2 cores; not re-measured)
+    sodkern demo                    # the default run (> 10 min on 2 busy cores; not measured on a quiet machine)
     sodkern demo --seeds 3          # three RL seeds: mean ± std
 
 The phases, each through the project's own code paths (``sodkern.trainer.train.main`` for every training
@@ -86,9 +86,9 @@ PRESETS = {
     "default": Preset(),
     "quick": Preset(
         teacher_sft_examples=1000,
-        teacher_sft_steps=150,
+        teacher_sft_steps=120,
         student_sft_examples=256,
-        student_sft_steps=120,
+        student_sft_steps=200,
         rl_prompts=4,
         rl_n=4,
         rl_steps=6,
