@@ -25,10 +25,22 @@ def test_splits_are_fixed_and_the_test_split_is_held_out():
     a, b = demo_task.make_problems(50, "train"), demo_task.make_problems(50, "train")
     assert [p.extra_info for p in a] == [p.extra_info for p in b]
     assert len({p.uid for p in a}) == 50
-    seen = {p.extra_info["question"] for s in ("train", "sft") for p in demo_task.make_problems(300, s)}
-    test = demo_task.make_problems(100, "test")
+    seen = {p.extra_info["question"] for s in ("train", "sft") for p in demo_task.make_problems(2000, s)}
+    test = demo_task.make_problems(96, "test")
+    assert len({p.extra_info["question"] for p in test}) == 96  # distinct held-out problems
     assert not seen & {p.extra_info["question"] for p in test}
     assert {p.extra_info["times"] for p in test} == {2, 3, 4}  # 2 to 4 tool steps per problem
+    with pytest.raises(ValueError, match="n=97"):
+        demo_task.make_problems(97, "test")
+
+
+def test_every_problem_applies_the_one_map_and_every_call_is_the_same_code_but_its_number():
+    problems = demo_task.make_problems(64, "test")
+    assert {p.extra_info["question"].split(" and ")[1].split(" mod ")[0] for p in problems} == {"apply x*2-63"}
+    codes = [code for p in problems for code, _ in demo_task.solution_steps(p)]
+    assert {code.split(";", 1)[1] for code in codes} == {"assert x%7==0;print((x*2-63)%1001)"}
+    # step 1 carries the start value from the question, later steps the previous output: both 3-digit numbers
+    assert all(100 <= p.extra_info["start"] < 1000 for p in problems)
 
 
 def test_scripted_trajectories_run_in_the_sandbox_and_score_correct():

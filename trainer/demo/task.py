@@ -1,29 +1,30 @@
-"""The demo's synthetic tool-integrated reasoning task: an iterated map that needs the code interpreter.
+"""The demo's synthetic tool-integrated reasoning task: one map, applied a few times with the code interpreter.
 
-A problem is ``Start at 37 and apply x*4+13 three times.``: a 2-digit start value and a map ``x*m+c`` or
-``x*m-c`` (m from 2 to 5, c 2-digit) applied two to four times. A model of demo size cannot multiply
-several-digit numbers in its head, but it can copy numbers into code, so the scripted solution does one
-application per tool call and carries each printed result into the next call::
+A problem is ``Start at 553 and apply x*2-63 mod 1001 four times.``: a 3-digit start value (a multiple of 7) and
+a count of applications (two to four) of the one map ``x -> (x*2-63) mod 1001``, the same for every problem. A
+model of demo size cannot do the arithmetic in its head, but it can copy a number into code, so the scripted
+solution makes one tool call per application, every call the same code but for the number it carries::
 
-    assistant: <tool_call>{"name": "code_interpreter", "arguments": {"code": "print(37*4+13)"}}</tool_call>
-    tool:      <tool_response>161</tool_response>
-    assistant: <tool_call>{... "print(161*4+13)"}</tool_call>
-    tool:      <tool_response>657</tool_response>
-    assistant: <tool_call>{... "print(657*4+13)"}</tool_call>
-    tool:      <tool_response>2641</tool_response>
-    assistant: The answer is \\boxed{2641}.
+    assistant: <tool_call>{"name": "code_interpreter", "arguments": {"code": "x=553;assert x%7==0;print(...)"}}
+               (the whole code: x=553;assert x%7==0;print((x*2-63)%1001))
+    tool:      <tool_response>42</tool_response>
+    assistant: <tool_call>{... "x=42;assert x%7==0;print((x*2-63)%1001)"}</tool_call>
+    tool:      <tool_response>21</tool_response>
+    ...
+    assistant: The answer is \\boxed{896} (x*2-63 mod 1001 applied four times).
 
-Each assistant turn is one SOD step. A wrong tool call (a mis-copied digit, a wrong count of applications)
-puts a wrong number in the context, and every later step that carries it forward is derailed: the
-error-cascade SOD is about. The final answer is checked by the math reward (math-verify on the last
-``\\boxed{}``). Every number a step needs is in the step just before it (the previous call and its output),
-which keeps the task learnable by models of a few hundred thousand parameters in a few minutes of CPU.
+Each assistant turn is one SOD step, and every call step is the same work: copy one number (from the question at
+step 1, from the previous tool output after) into the same checked call. The map keeps multiples of 7 (1001 = 7 *
+11 * 13), so a mis-copied value almost always fails its own ``assert`` and the tool answers with an
+``AssertionError`` traceback, a tool result the teacher never saw in its SFT data: the error-cascade SOD is
+about, made visible in the context (SOD's premise, measured by :mod:`sodkern.trainer.premise`; the designs tried
+are in ``bench/results/demo/premise_designs.md``). The final answer is checked by the math reward (math-verify
+on the last ``\\boxed{}``). The held-out split has its own start values (every fourth multiple of 7).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 from sodkern.trainer.tasks.data import Problem, SFTExample
 from sodkern.trainer.tasks.prompts import CODE_INTERPRETER_TOOL
@@ -32,6 +33,10 @@ DATA_SOURCE = "demo_arith"
 SYSTEM = "Use the code_interpreter tool for each step, one at a time. Give the final answer in \\boxed{}."
 TIMES = {2: "twice", 3: "three times", 4: "four times"}
 MOD, CHECK = 1001, 7  # values are kept below 1001 = 7 * 11 * 13 and stay multiples of 7
+MUL, SUB = 2, 63  # the one map of every problem: x -> (x*2-63) mod 1001; its only fixed point, 63, is no start
+MAP = f"x*{MUL}-{SUB} mod {MOD}"
+CODE = "x={x};assert x%" + str(CHECK) + "==0;print((x*" + str(MUL) + "-" + str(SUB) + ")%" + str(MOD) + ")"
+STARTS = [x for x in range(105, MOD, CHECK)]  # the 3-digit multiples of 7 (128 values): step 1 copies 3 digits
 SPLIT_SEEDS = {"train": 1234, "test": 98765, "sft": 555}
 
 # The demo tokenizer's chat template: the Hermes / Qwen3 layout of :data:`sodkern.trainer.demo.tiny.CHAT_TEMPLATE`
@@ -78,60 +83,44 @@ CHAT_TEMPLATE = """\
 def make_problems(n: int, split: str = "train", *, seed: int | None = None) -> list[Problem]:
     """``n`` problems of a split; the same ``(n, split, seed)`` always gives the same problems.
 
-    The test split is disjoint from the others (problems seen in train or sft are skipped).
+    A problem is a start value and a count of applications of the one map :data:`MAP`. The test split holds
+    out its own start values (every fourth multiple of 7), so no test question is in train or sft; the test
+    problems are distinct, the train and sft splits draw with repeats (there are 288 distinct questions).
     """
     rng = random.Random(SPLIT_SEEDS[split] if seed is None else seed)
-    seen: set[str] = set()
-    if split == "test":
-        seen = {
-            p.extra_info["question"] for s in ("train", "sft") for p in _generate(random.Random(SPLIT_SEEDS[s]), 4096)
-        }
+    starts = [x for i, x in enumerate(STARTS) if (i % 4 == 0) == (split == "test")]
     out: list[Problem] = []
-    for p in _generate(rng, 100 * n + 1000):
-        if p.extra_info["question"] in seen:
-            continue
-        seen.add(p.extra_info["question"])
-        out.append(Problem(**{**p.__dict__, "uid": f"{DATA_SOURCE}-{split}/{len(out)}"}))
-        if len(out) == n:
-            break
+    if split == "test":
+        pairs = [(s, t) for s in starts for t in TIMES]
+        rng.shuffle(pairs)
+        if n > len(pairs):
+            raise ValueError(f"make_problems: the test split has {len(pairs)} problems, asked for n={n}")
+    else:
+        pairs = [(rng.choice(starts), rng.choice(list(TIMES))) for _ in range(n)]
+    for start, times in pairs[:n]:
+        out.append(_problem(f"{DATA_SOURCE}-{split}/{len(out)}", start, times))
     return out
 
 
-def apply_map(x: int, m: int, op: str, c: int) -> int:
-    """One application of the problem's map: ``(x*m+c) mod 1001`` or ``(x*m-c) mod 1001``."""
-    return (x * m + c if op == "+" else x * m - c) % MOD
+def apply_map(x: int) -> int:
+    """One application of the map: ``(x*2-63) mod 1001`` (a multiple of 7 stays a multiple of 7)."""
+    return (x * MUL - SUB) % MOD
 
 
-def _generate(rng: random.Random, n: int) -> Iterator[Problem]:
-    for i in range(n):
-        start, m, op, c, times = (
-            CHECK * rng.randint(15, 142),
-            rng.randint(2, 5),
-            rng.choice("+-"),
-            CHECK * rng.randint(2, 14),
-            rng.randint(2, 4),
-        )
-        question = f"Start at {start} and apply x*{m}{op}{c} mod {MOD} {TIMES[times]}."
-        value, results = start, []
-        for _ in range(times):
-            value = apply_map(value, m, op, c)
-            results.append(str(value))
-        yield Problem(
-            uid=f"{DATA_SOURCE}/{i}",
-            data_source=DATA_SOURCE,
-            ability="math",
-            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
-            ground_truth=str(value),
-            extra_info={
-                "question": question,
-                "start": start,
-                "m": m,
-                "op": op,
-                "c": c,
-                "times": times,
-                "tool_results": results,
-            },  # fmt: skip
-        )
+def _problem(uid: str, start: int, times: int) -> Problem:
+    question = f"Start at {start} and apply {MAP} {TIMES[times]}."
+    value, results = start, []
+    for _ in range(times):
+        value = apply_map(value)
+        results.append(str(value))
+    return Problem(
+        uid=uid,
+        data_source=DATA_SOURCE,
+        ability="math",
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+        ground_truth=str(value),
+        extra_info={"question": question, "start": start, "times": times, "tool_results": results},
+    )
 
 
 def problem_row(problem: Problem) -> dict:
@@ -154,10 +143,16 @@ def solution_steps(problem: Problem) -> list[tuple[str, str]]:
     info = problem.extra_info
     value, steps = info["start"], []
     for _ in range(info["times"]):
-        code = f"x={value};assert x%{CHECK}==0;print((x*{info['m']}{info['op']}{info['c']})%{MOD})"
-        value = apply_map(value, info["m"], info["op"], info["c"])
+        code = CODE.format(x=value)
+        value = apply_map(value)
         steps.append((code, str(value)))
     return steps
+
+
+def answer_text(problem: Problem, value: str) -> str:
+    """The final turn: the last printed value in ``\\boxed{}``, then the map and the count it answers, so that
+    the answer turn has about as many tokens as a call turn around the same one copied number."""
+    return f"The answer is \\boxed{{{value}}} ({MAP} applied {TIMES[problem.extra_info['times']]})."
 
 
 def scripted_trajectory(problem: Problem) -> SFTExample:
@@ -167,7 +162,7 @@ def scripted_trajectory(problem: Problem) -> SFTExample:
     for code, output in steps:
         messages.append({"role": "assistant", "content": "", "tool_calls": [_call(code)]})
         messages.append({"role": "tool", "content": output})
-    messages.append({"role": "assistant", "content": f"The answer is \\boxed{{{steps[-1][1]}}}."})
+    messages.append({"role": "assistant", "content": answer_text(problem, steps[-1][1])})
     return SFTExample(messages=messages, tools=[CODE_INTERPRETER_TOOL])
 
 
@@ -181,5 +176,5 @@ def corpus(n: int = 400) -> list[str]:
         for code, out in solution_steps(p):
             texts += ["assistant\n", '{"name": "code_interpreter", "arguments": {"code": "' + code + '"}}']
             texts += ["user\n", out]
-        texts += ["assistant\n", f"The answer is \\boxed{{{p.ground_truth}}}."]
+        texts += ["assistant\n", answer_text(p, p.ground_truth)]
     return texts
