@@ -42,3 +42,6 @@ def test_config_yaml_overrides_and_errors(tmp_path):
     bad.eval.n, bad.eval.files, bad.algorithm = 4, ["heldout.parquet"], "sft"
     with pytest.raises(ValueError, match="eval.files: held-out evaluation runs with the RL rollout engine"):
         bad.validate()
+    bad.eval.files, bad.algorithm, bad.rollout.max_turn_tokens = [], "sod", -1
+    with pytest.raises(ValueError, match=r"rollout.max_turn_tokens=-1 must be >= 0 \(0: no cap\)"):
+        bad.validate()

@@ -149,6 +149,24 @@ def test_n_samples_max_turns_and_length(chat, tool):
     assert len(t.response_ids) == first + obs + 5  # the last turn was cut at the budget
 
 
+def test_max_turn_tokens_ends_a_long_turn(chat, tool):
+    long_turn, short_turn = "Let me think. " * 20 + call("print(1)"), call("print(2)")
+    problems = [problem("long", "Long?"), problem("short", "Short?")]
+    scripts = {"long": [long_turn, "\\boxed{4}<|im_end|>"], "short": [short_turn, "\\boxed{4}<|im_end|>"]}
+    engine = ScriptedEngine(chat, problems, scripts)
+    cap = len(chat.encode(short_turn)) + 2
+    assert len(chat.encode(long_turn)) > cap
+    out = rollout(problems, engine, chat, tool, RolloutParams(max_turn_tokens=cap, progress=False))
+    long, short = out
+    assert (long.finish_reason, long.num_turns, long.num_tool_calls) == ("length", 1, 0)
+    assert long.response_ids == chat.encode(long_turn)[:cap]  # cut at the cap, not at max_response_tokens
+    assert (short.finish_reason, short.num_turns, short.num_tool_calls) == ("eos", 2, 1)  # shorter turns unaffected
+    for t in out:
+        check_invariants(t, 20480)
+    [free] = rollout(problems[:1], engine, chat, tool, RolloutParams(progress=False))  # 0: no cap
+    assert (free.finish_reason, free.num_turns) == ("eos", 2)
+
+
 def test_hf_engine_logprobs_match_a_teacher_forced_forward(tok, chat, tool):
     model = tiny_qwen3(tok, seed=1)
     # a logit bias on </tool_call> and <|im_end|> so that the random model ends turns and calls the tool
@@ -204,3 +222,5 @@ def test_hf_engine_stops_at_the_first_stop_token(tok):
 def test_bad_config(chat, tool):
     with pytest.raises(ValueError, match="max_turns"):
         rollout([], ScriptedEngine(chat, [], {}), chat, tool, RolloutParams(max_turns=0))
+    with pytest.raises(ValueError, match="max_turn_tokens"):
+        RolloutParams(max_turn_tokens=-1)

@@ -94,6 +94,9 @@ class RolloutConfig:
     max_prompt_tokens: int = option(2560, "longer prompts are dropped (with a warning)")
     max_response_tokens: int = option(20480, "tokens per response, tool outputs included")
     max_turns: int = option(16, "assistant turns per response")
+    max_turn_tokens: int = option(
+        0, "tokens per assistant turn; a turn that reaches it ends the response ('length'); 0: no cap"
+    )
     tool_timeout_s: float = option(10.0, "seconds a code-interpreter call may run")
     overlong_penalty: bool = option(
         True, "DAPO soft penalty: 0 at max_response_tokens - overlong_buffer tokens down to -1 at the limit"
@@ -241,6 +244,8 @@ class Config:
         ):
             if value < 1:
                 raise ConfigError(f"{name}={value} must be >= 1")
+        if self.rollout.max_turn_tokens < 0:
+            raise ConfigError(f"rollout.max_turn_tokens={self.rollout.max_turn_tokens} must be >= 0 (0: no cap)")
         if self.eval.files and self.algorithm == "sft":
             raise ConfigError("eval.files: held-out evaluation runs with the RL rollout engine; algorithm sft has none")
         if self.eval.n < 1 or self.eval.every < 0:

@@ -137,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-p", type=float, default=0.6, help="nucleus sampling (the recipe's eval: 0.6)")
     ap.add_argument("--top-k", type=int, default=-1, help="top-k sampling; <= 0 disables it")
     ap.add_argument("--max-turns", type=int, default=16, help="assistant turns per sample")
+    ap.add_argument(
+        "--max-turn-tokens",
+        type=int,
+        default=0,
+        help="tokens per assistant turn; a turn that reaches it ends the sample (0: no cap)",
+    )
     ap.add_argument("--max-response-tokens", type=int, default=20480)
     ap.add_argument("--output-dir", default="eval_results", help="metrics.json and samples.jsonl go here")
     ap.add_argument("--seed", type=int, default=0)
@@ -308,6 +314,7 @@ def evaluate(args: argparse.Namespace) -> int:
         n=args.n,
         max_turns=args.max_turns,
         max_response_tokens=args.max_response_tokens,
+        max_turn_tokens=args.max_turn_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,

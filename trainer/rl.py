@@ -148,7 +148,8 @@ class RLWorker:
         self.sandbox = LocalSandbox(timeout=cfg.rollout.tool_timeout_s)
         self.tool = CodeInterpreter(self.sandbox)
         self.rollout_params = ro.RolloutParams(
-            n=r.n, max_turns=r.max_turns, max_response_tokens=r.max_response_tokens, temperature=r.temperature,
+            n=r.n, max_turns=r.max_turns, max_response_tokens=r.max_response_tokens,
+            max_turn_tokens=r.max_turn_tokens, temperature=r.temperature,
             top_p=r.top_p, progress=False,
         )  # fmt: skip
         self.teacher: CausalLM | None = None

@@ -47,6 +47,7 @@ def premise_records(
     n: int,
     max_turns: int,
     max_response_tokens: int,
+    max_turn_tokens: int = 0,
     eps: float = 1e-6,
     delta: float = 0.2,
 ) -> list[dict]:
@@ -57,7 +58,8 @@ def premise_records(
     from sodkern.trainer.eval import sample_and_score
     from sodkern.trainer.rollout.loop import RolloutParams
 
-    config = RolloutParams(n=n, max_turns=max_turns, max_response_tokens=max_response_tokens, progress=False)
+    config = RolloutParams(n=n, max_turns=max_turns, max_response_tokens=max_response_tokens,
+                           max_turn_tokens=max_turn_tokens, progress=False)  # fmt: skip
     trajectories, _ = sample_and_score(student, problems, config)
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     return step_records(trajectories, problems, model, AutoTokenizer.from_pretrained(student), eps=eps, delta=delta)

@@ -8,7 +8,8 @@ token ids that returns the sampled ids and their log-probs). Its implementations
 
 Each problem is sampled ``n`` times. A trajectory alternates assistant turns (mask 1) and tool observations
 (mask 0) until the model ends a turn without a tool call (``"eos"``), it has made ``max_turns`` assistant
-turns (``"max_turns"``), or the response reaches ``max_response_tokens`` (``"length"``). The tool calls of a
+turns (``"max_turns"``), or the response reaches ``max_response_tokens`` or a turn ``max_turn_tokens``
+(``"length"``). The tool calls of a
 round run concurrently with ``CodeInterpreter.execute_many``.
 """
 
@@ -76,6 +77,9 @@ class RolloutParams:
         n: responses per problem.
         max_turns: assistant turns per response.
         max_response_tokens: tokens per response, tool observations included.
+        max_turn_tokens: tokens per assistant turn; a turn that reaches it without ending ends the response
+            (``"length"``), as one that reaches ``max_response_tokens`` does. 0: no cap but the response's.
+            A batch decodes until its last row stops, so one rambling turn costs every row of its round.
         temperature: sampling temperature (0: greedy).
         top_p: nucleus sampling (1.0: off).
         top_k: top-k sampling (<= 0: off).
@@ -85,6 +89,7 @@ class RolloutParams:
     n: int = 1
     max_turns: int = 16
     max_response_tokens: int = 20480
+    max_turn_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -96,6 +101,8 @@ class RolloutParams:
                 f"RolloutParams: n, max_turns and max_response_tokens must be >= 1, got n={self.n}, "
                 f"max_turns={self.max_turns}, max_response_tokens={self.max_response_tokens}"
             )
+        if self.max_turn_tokens < 0:
+            raise ValueError(f"RolloutParams: max_turn_tokens must be >= 0 (0: no cap), got {self.max_turn_tokens}")
 
 
 @dataclass
@@ -200,6 +207,7 @@ def _run_rounds(
 ) -> None:
     """The rounds of :func:`rollout`: generate a turn for every unfinished trajectory, run the tools."""
     budget = config.max_response_tokens
+    turn_cap = config.max_turn_tokens or budget
     generated, started = 0, time.perf_counter()
 
     def finish(t: Trajectory, reason: str) -> None:
@@ -212,7 +220,7 @@ def _run_rounds(
             temperature=config.temperature,
             top_p=config.top_p,
             top_k=config.top_k,
-            max_tokens=max(budget - len(t.response_ids) for t in active),
+            max_tokens=min(turn_cap, max(budget - len(t.response_ids) for t in active)),
             stop_token_ids=chat.stop_token_ids,
         )
         completions = engine.generate([t.prompt_ids + t.response_ids for t in active], params)
