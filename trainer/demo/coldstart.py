@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from sodkern.trainer.premise import label_steps
+from sodkern.trainer.rollout.loop import RolloutParams
 from sodkern.trainer.tasks.data import Problem
 
 _RESPONSE = re.compile(r"<tool_response>(.*?)</tool_response>", re.DOTALL)
@@ -43,23 +44,18 @@ def premise_records(
     student: str | Path,
     teacher: str | Path,
     problems: Sequence[Problem],
+    config: RolloutParams,
     *,
-    n: int,
-    max_turns: int,
-    max_response_tokens: int,
-    max_turn_tokens: int = 0,
     eps: float = 1e-6,
     delta: float = 0.2,
 ) -> list[dict]:
-    """Step-wise records (``steps.jsonl`` layout, each step with ``tool_ok``) of ``n`` cold-start rollouts per
-    problem of ``student`` (an HF folder), scored by ``teacher`` (seed torch before calling)."""
+    """Step-wise records (``steps.jsonl`` layout, each step with ``tool_ok``) of ``config.n`` cold-start rollouts
+    per problem of ``student`` (an HF folder), sampled with ``config``, scored by ``teacher`` (seed torch before
+    calling)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sodkern.trainer.eval import sample_and_score
-    from sodkern.trainer.rollout.loop import RolloutParams
 
-    config = RolloutParams(n=n, max_turns=max_turns, max_response_tokens=max_response_tokens,
-                           max_turn_tokens=max_turn_tokens, progress=False)  # fmt: skip
     trajectories, _ = sample_and_score(student, problems, config)
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     return step_records(trajectories, problems, model, AutoTokenizer.from_pretrained(student), eps=eps, delta=delta)

@@ -280,16 +280,22 @@ def run_training(overrides: list[str], run_dir: Path, progress, label: str, step
 # ------------------------------------------------------------------------------------------ evaluation
 
 
+def rollout_params(n: int, top_p: float = 1.0):
+    """The demo's sampling outside training (evaluations, the premise check): temperature 1.0 and the RL runs'
+    limits on turns and tokens (:func:`rl_overrides`)."""
+    from sodkern.trainer.rollout.loop import RolloutParams
+
+    return RolloutParams(n=n, max_turns=MAX_TURNS, max_response_tokens=MAX_RESPONSE_TOKENS,
+                         max_turn_tokens=MAX_TURN_TOKENS, temperature=1.0, top_p=top_p, progress=False)  # fmt: skip
+
+
 def evaluate(model_dir: Path, problems: list, *, n: int, seed: int, out: Path) -> dict:
     """``sodkern eval``'s sampling, scoring and summary of ``n`` responses per held-out problem (the rollout
     loop, the real sandbox); writes its ``metrics.json`` and ``samples.jsonl`` to ``out``."""
     from sodkern.trainer.eval import sample_and_score, summarize, write_results
-    from sodkern.trainer.rollout.loop import RolloutParams
 
     torch.manual_seed(seed)
-    config = RolloutParams(n=n, max_turns=MAX_TURNS, max_response_tokens=MAX_RESPONSE_TOKENS,
-                           max_turn_tokens=MAX_TURN_TOKENS, temperature=1.0, top_p=EVAL_TOP_P,
-                           progress=False)  # fmt: skip
+    config = rollout_params(n, top_p=EVAL_TOP_P)
     trajectories, seconds = sample_and_score(model_dir, problems, config)
     metrics = summarize(problems, trajectories, [n])
     write_results(out, problems, trajectories, metrics, {"model": str(model_dir), "seed": seed, "n": n,
@@ -376,9 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                              100 * evals[label][seed][f"average@{p.eval_n}"])  # fmt: skip
         with phase("premise check of the cold start"):
             torch.manual_seed(2000)
-            premise_records = coldstart.premise_records(student, teacher, problems, n=p.eval_n, max_turns=MAX_TURNS,
-                                                        max_response_tokens=MAX_RESPONSE_TOKENS,
-                                                        max_turn_tokens=MAX_TURN_TOKENS)  # fmt: skip
+            premise_records = coldstart.premise_records(student, teacher, problems, rollout_params(p.eval_n))
             write_jsonl(out / "premise_steps.jsonl", premise_records)
             premise = premise_check(premise_records)
             log.info("premise check of the cold start: %s", premise["verdict"])

@@ -9,8 +9,7 @@ token ids that returns the sampled ids and their log-probs). Its implementations
 Each problem is sampled ``n`` times. A trajectory alternates assistant turns (mask 1) and tool observations
 (mask 0) until the model ends a turn without a tool call (``"eos"``), it has made ``max_turns`` assistant
 turns (``"max_turns"``), or the response reaches ``max_response_tokens`` or a turn ``max_turn_tokens``
-(``"length"``). The tool calls of a
-round run concurrently with ``CodeInterpreter.execute_many``.
+(``"length"``). The tool calls of a round run concurrently with ``CodeInterpreter.execute_many``.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from sodkern.trainer import train
 from sodkern.trainer.demo import demo
 from sodkern.trainer.demo.coldstart import premise_records
 from sodkern.trainer.premise import premise_check
+from sodkern.trainer.rollout.loop import RolloutParams
 from sodkern.trainer.tasks.data import load_problems
 
 
@@ -46,8 +47,10 @@ def main(argv: list[str]) -> None:
                                       p.sft_batch_size, student))  # fmt: skip
     problems = list(load_problems(out / "data/test.jsonl"))[:nprob]
     torch.manual_seed(2000)
-    records = premise_records(student / "hf", runs / "teacher_sft/hf", problems, n=nsamp,
-                              max_turns=demo.MAX_TURNS, max_response_tokens=demo.MAX_RESPONSE_TOKENS)  # fmt: skip
+    # as the designs were measured: no turn cap (the demo caps turns since; its own premise phase does too)
+    config = RolloutParams(n=nsamp, max_turns=demo.MAX_TURNS, max_response_tokens=demo.MAX_RESPONSE_TOKENS,
+                           progress=False)  # fmt: skip
+    records = premise_records(student / "hf", runs / "teacher_sft/hf", problems, config)
     (student / "premise_steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     check = premise_check(records)
     (student / "premise.json").write_text(json.dumps(check, indent=1))
